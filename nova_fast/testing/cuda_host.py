@@ -1,0 +1,154 @@
+"""Run and check the CUDA C++ kernels without a GPU.
+
+``host_library(name)`` compiles ``csrc/<name>.cu`` with g++ against the SIMT harness
+(``csrc/host/simt.h``) into a shared library and loads it with ctypes: the ``extern "C"`` launchers
+are then callable with CPU tensor pointers, so parity tests execute the very kernel source that
+nvcc builds for the GPU. ``nvcc_report(path, arch)`` compiles a source with ``-Xptxas -v`` and
+returns registers, spills and shared memory per kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CSRC = REPO_ROOT / "csrc"
+CACHE = Path(os.environ.get("NOVA_FAST_CACHE", REPO_ROOT / ".nova_fast_cache"))
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_loaded: dict[str, ctypes.CDLL] = {}
+
+
+def csrc_path(name: str) -> Path:
+    """Path of a kernel source: ``name`` is 'adaln' (csrc/adaln.cu) or a path relative to csrc/."""
+    path = CSRC / (name if name.endswith(".cu") else f"{name}.cu")
+    if not path.exists():
+        raise FileNotFoundError(f"no CUDA source {path} (the host harness runs from a source checkout)")
+    return path
+
+
+def _digest(paths) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p).encode())
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def host_library(name: str, opt: str = "-O1") -> ctypes.CDLL:
+    """Build (cached by content hash) and load csrc/<name>.cu for the host."""
+    source = csrc_path(name)
+    headers = list(CSRC.glob("*.cuh")) + list((CSRC / "host").glob("*.h"))
+    key = f"{source.stem}-{_digest([source, *headers])}{opt}"
+    if key in _loaded:
+        return _loaded[key]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    lib_path = CACHE / f"host_{key}.so"
+    if not lib_path.exists():
+        cxx = os.environ.get("CXX", "g++")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / lib_path.name
+            cmd = [cxx, "-std=c++17", opt, "-g", "-shared", "-fPIC", "-DNOVA_SIMT_HOST", "-I", str(CSRC),
+                   "-x", "c++", str(source), "-o", str(out)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"host build of {source.name} failed:\n{' '.join(cmd)}\n{proc.stderr}")
+            shutil.move(str(out), lib_path)
+    lib = ctypes.CDLL(str(lib_path))
+    _loaded[key] = lib
+    return lib
+
+
+def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    """Raw data pointer of a CPU tensor (None -> NULL) for a C launcher argument."""
+    if t is None:
+        return ctypes.c_void_p(0)
+    if t.device.type != "cpu":
+        raise ValueError("the host harness runs on CPU tensors")
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def call(lib: ctypes.CDLL, fn: str, *args) -> None:
+    """Call an extern "C" launcher returning a cudaError_t; raise if it reports an error."""
+    f = getattr(lib, fn)
+    f.restype = ctypes.c_int
+    conv = []
+    for a in args:
+        if isinstance(a, torch.Tensor) or a is None:
+            conv.append(ptr(a))
+        elif isinstance(a, bool):
+            conv.append(ctypes.c_int(int(a)))
+        elif isinstance(a, int):
+            conv.append(ctypes.c_longlong(a) if abs(a) >= 2**31 else ctypes.c_int(a))
+        elif isinstance(a, float):
+            conv.append(ctypes.c_float(a))
+        else:
+            conv.append(a)
+    err = f(*conv)
+    if err != 0:
+        raise RuntimeError(f"{fn} returned CUDA error code {err}")
+
+
+@dataclass
+class KernelResources:
+    name: str
+    arch: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    stack_bytes: int
+
+
+_FUNC = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
+_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def nvcc_report(source: str | Path, arch: str = "sm_90", extra=()) -> list[KernelResources]:
+    """Compile one .cu with nvcc -Xptxas -v for ``arch``; return resources per kernel entry."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc is not on the PATH")
+    source = Path(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-I", str(CSRC), "-c",
+               str(source), "-o", str(Path(tmp) / "k.o"), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed for {source.name} ({arch}):\n{proc.stderr}")
+    kernels, current = [], None
+    for line in proc.stderr.splitlines():
+        if m := _FUNC.search(line):
+            current = {"name": m.group(1), "arch": m.group(2)}
+        elif current and (m := _STACK.search(line)):
+            current.update(stack=int(m.group(1)), st=int(m.group(2)), ld=int(m.group(3)))
+        elif current and (m := _REGS.search(line)):
+            kernels.append(KernelResources(current["name"], current["arch"], int(m.group(1)),
+                                           current.get("st", 0), current.get("ld", 0),
+                                           int(m.group(2) or 0), current.get("stack", 0)))
+            current = None
+    if not kernels:
+        raise RuntimeError(f"nvcc reported no kernel for {source.name}:\n{proc.stderr}")
+    return kernels
+
+
+def assert_no_spills(source: str | Path, archs=("sm_80", "sm_90")) -> list[KernelResources]:
+    """nvcc-compile ``source`` for each arch; raise AssertionError naming any kernel that spills."""
+    reports = []
+    for arch in archs:
+        for k in nvcc_report(source, arch):
+            if k.spill_stores or k.spill_loads:
+                raise AssertionError(f"{k.name} spills on {arch}: {k.spill_stores} B stores, "
+                                     f"{k.spill_loads} B loads ({k.registers} registers)")
+            reports.append(k)
+    return reports

@@ -1,0 +1,168 @@
+"""Compile Triton kernels ahead of time for sm_80 / sm_90 without a GPU, and read their resources.
+
+Each ``nova_fast.kernels.<op>`` module lists ``AOT_SPECS``: a list of :class:`AotSpec`, one per
+signature worth checking (dtype, head dim, block sizes). ``compile_module(name)`` compiles all of
+them for each target and reports registers, local memory (spills), shared memory and the count of
+tensor-core instructions (HMMA on sm_80, HGMMA = wgmma on sm_90) in the SASS, read with the
+cuobjdump shipped inside the triton wheel.
+
+The Triton interpreter swaps ``@triton.jit`` functions at import time, so tests (which run with
+TRITON_INTERPRET=1) call :func:`compile_in_subprocess`, which compiles in a clean interpreter-off
+process. ``python -m nova_fast.testing.triton_aot nova_fast.kernels.modulate`` prints a table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TARGETS = (80, 90)
+
+
+@dataclass
+class AotSpec:
+    kernel: str                      # attribute name of the @triton.jit function in the module
+    signature: dict                  # argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr")
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+    tensor_cores: bool = False       # the kernel calls tl.dot: expect HMMA (sm_80) / HGMMA (sm_90)
+    label: str = ""
+
+    def name(self) -> str:
+        return self.label or f"{self.kernel}[{','.join(f'{k}={v}' for k, v in self.constexprs.items())}]"
+
+
+@dataclass
+class AotResult:
+    module: str
+    spec: str
+    arch: int
+    registers: int
+    local_bytes: int      # local memory per thread: > 0 means register spills (or local arrays)
+    shared_bytes: int     # Triton's dynamic shared memory
+    hmma: int             # HMMA instructions (mma.sync, sm_80 style tensor cores)
+    hgmma: int            # HGMMA instructions (wgmma, sm_90 tensor cores)
+    tensor_cores: bool
+    error: str | None = None
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise RuntimeError(f"{name} not found in the triton wheel at {path}")
+    return str(path)
+
+
+def _resources(cubin: bytes) -> tuple[int, int, str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    if not m:
+        raise RuntimeError(f"could not read cuobjdump -res-usage output:\n{res}")
+    return int(m.group(1)), int(m.group(4)) + int(m.group(2)), sass
+
+
+def compile_spec(fn, spec: AotSpec, arch: int):
+    """Compile one kernel for one target; returns (compiled kernel, registers, local bytes, sass)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    regs, local, sass = _resources(compiled.asm["cubin"])
+    return compiled, regs, local, sass
+
+
+def compile_module(module_name: str, targets=TARGETS) -> list[AotResult]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset; use compile_in_subprocess()")
+    module = importlib.import_module(module_name)
+    results = []
+    for spec in module.AOT_SPECS:
+        for arch in targets:
+            try:
+                compiled, regs, local, sass = compile_spec(getattr(module, spec.kernel), spec, arch)
+                results.append(AotResult(module_name, spec.name(), arch, regs, local, compiled.metadata.shared,
+                                         len(re.findall(r"\bHMMA\b", sass)), len(re.findall(r"\bHGMMA\b", sass)),
+                                         spec.tensor_cores))
+            except Exception as exc:  # reported per spec so one failure does not hide the others
+                results.append(AotResult(module_name, spec.name(), arch, 0, 0, 0, 0, 0, spec.tensor_cores,
+                                         error=f"{exc.__class__.__name__}: {str(exc)[:2000]}"))
+    return results
+
+
+def compile_in_subprocess(module_name: str, targets=TARGETS, timeout: float = 900) -> list[AotResult]:
+    """compile_module in a fresh process with the interpreter off (safe to call from tests)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, "-m", "nova_fast.testing.triton_aot", module_name, "--json",
+           "--targets", ",".join(map(str, targets))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"AOT compile of {module_name} failed:\n{proc.stderr[-4000:]}")
+    return [AotResult(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+def problems(results: list[AotResult]) -> list[str]:
+    """What is wrong in a set of results: compile errors, spills, tensor-core kernels without MMA."""
+    out = []
+    for r in results:
+        where = f"{r.module}:{r.spec} sm_{r.arch}"
+        if r.error:
+            out.append(f"{where} does not compile: {r.error}")
+            continue
+        if r.local_bytes:
+            out.append(f"{where} spills: {r.local_bytes} B local memory per thread ({r.registers} registers)")
+        if r.tensor_cores and r.arch >= 90 and r.hgmma == 0:
+            out.append(f"{where} has no HGMMA in its SASS (expected wgmma tensor cores on sm_90)")
+        if r.tensor_cores and r.arch == 80 and r.hmma == 0:
+            out.append(f"{where} has no HMMA in its SASS (expected tensor cores on sm_80)")
+    return out
+
+
+def format_table(results: list[AotResult]) -> str:
+    rows = [f"{'kernel':58} {'arch':>5} {'regs':>5} {'local':>6} {'smem':>7} {'HMMA':>5} {'HGMMA':>6}"]
+    for r in results:
+        if r.error:
+            rows.append(f"{r.spec:58} sm_{r.arch:<2} ERROR {r.error[:60]}")
+        else:
+            rows.append(f"{r.spec:58} sm_{r.arch:<2} {r.registers:5d} {r.local_bytes:6d} {r.shared_bytes:7d} "
+                        f"{r.hmma:5d} {r.hgmma:6d}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="AOT-compile a kernels module for sm_80/sm_90 and report resources")
+    p.add_argument("module")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    a = p.parse_args(argv)
+    results = compile_module(a.module, tuple(int(t) for t in a.targets.split(",")))
+    if a.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results]))
+    else:
+        print(format_table(results))
+        for line in problems(results):
+            print("PROBLEM:", line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
