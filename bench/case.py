@@ -1,0 +1,62 @@
+"""One benchmark case format for every op, shared by the pytest-benchmark suites and `nova-fast bench`.
+
+Each suite ``bench/test_<op>_bench.py`` defines ``CASES: list[BenchCase]``; its pytest-benchmark
+tests parametrize over them, and the CLI runner imports the same lists, so a number in a report and
+a number in ``--benchmark-compare`` come from the same code.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class BenchCase:
+    op: str                                        # group: "modulate", "group_causal_attention", ...
+    name: str                                      # short label with the sizes, e.g. "4096x1280 fp32"
+    setup: Callable[[], dict[str, Callable[[], Any]]]  # builds inputs once; implementation label -> call
+    baseline: str                                  # label whose time the ratios divide by
+    sizes: dict = field(default_factory=dict)      # stated sizes (B, L, D, dtype, ...)
+    metrics: Callable[[], dict] | None = None      # extra figures: bytes moved, tiles visited, ...
+    quick: bool = True                             # part of the short default run of `nova-fast bench`
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}/{self.name}"
+
+
+def median_time(fn: Callable[[], Any], *, min_runs: int = 5, max_runs: int = 50, budget_s: float = 1.0,
+                warmup: int = 1) -> dict:
+    """Median wall time of ``fn()`` (seconds), synchronizing CUDA around each call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "runs": len(times), "min_s": min(times)}
+
+
+def count_dispatched_ops(fn: Callable[[], Any]) -> int:
+    """Number of ATen ops ``fn()`` dispatches (each is a kernel launch or more on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Counter():
+        fn()
+    return _Counter.count
