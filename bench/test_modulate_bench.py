@@ -1,0 +1,100 @@
+"""Benchmark: nova_fast.modulate vs the eager composition ``F.layer_norm(x) * (1 + scale) + shift``.
+
+Sizes from issue 8: (B*L, D) = (4096, 1280) and (2*1800, 1024), fp32, forward, statistics per token
+as NOVA feeds them (chunks of one (B, L, 3D) adaLN projection, read in place); plus the video mixer
+(no norm, chunks of a (B, L, 2D) projection). Implementations: ``eager``, ``torch`` (the backend:
+on CPU the inductor-compiled fused loop), and ``triton`` / ``cuda`` where a GPU is present.
+
+``metrics`` reports the bytes each call moves: the eager composition is 4 passes (layer_norm,
+1 + scale, multiply, add), the fused op one read of x, scale, shift and one write; and the torch
+backend's first-call (compile) time for the case, measured separately from the timed calls.
+
+Run: ``pytest bench/test_modulate_bench.py --benchmark-only``.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nova_fast
+from bench.case import BenchCase
+from nova_fast import backends
+
+COMPILE_S: dict[str, float] = {}
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backend_call(backend, fn):
+    def call():
+        with nova_fast.use_backend(backend, op="modulate"):
+            return fn()
+    return call
+
+
+def _setup(name, B, L, D, dtype, normalize, n_stats):
+    def setup():
+        dev = _device()
+        x = torch.randn(B, L, D, device=dev, dtype=dtype)
+        stats = torch.randn(B, L, n_stats * D, device=dev, dtype=dtype)
+        scale, shift = stats.chunk(n_stats, -1)[:2]
+
+        def eager():
+            h = F.layer_norm(x, (D,), eps=1e-6) if normalize else x
+            return h * (1 + scale) + shift
+
+        def fused():
+            return nova_fast.modulate(x, scale, shift, normalize=normalize)
+
+        impls = {"eager": eager}
+        for backend in ("torch", "triton", "cuda"):
+            if backend == "torch" or (dev.type == "cuda" and backends.can_run(backend, dev)[0]):
+                impls[backend] = _backend_call(backend, fused)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            impls["torch"]()  # first call: compiles (or loads the inductor cache) for this variant
+        COMPILE_S[name] = time.perf_counter() - t0
+        return impls
+    return setup
+
+
+def _metrics(name, B, L, D, dtype, normalize, n_stats):
+    def metrics():
+        e = torch.empty((), dtype=dtype).element_size()
+        X = B * L * D * e  # one (B, L, D) tensor
+        S = X              # per-token statistics: scale and shift are (B, L, D) each
+        eager = (2 * X if normalize else 0) + 2 * S + (2 * X + S) + (2 * X + S)
+        fused = X + 2 * S + X
+        out = {"bytes_eager": eager, "bytes_fused": fused, "bytes_ratio": round(eager / fused, 2),
+               "eager_passes": 4 if normalize else 3, "fused_passes": 1}
+        if name in COMPILE_S:
+            out["torch_first_call_s"] = round(COMPILE_S[name], 3)
+        return out
+    return metrics
+
+
+def _case(name, B, L, D, dtype=torch.float32, normalize=True, n_stats=3, quick=True):
+    sizes = {"B": B, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""), "normalize": normalize,
+             "stats": f"per token, chunk of (B, L, {n_stats}D)"}
+    return BenchCase("modulate", name, _setup(name, B, L, D, dtype, normalize, n_stats), "eager", sizes,
+                     _metrics(name, B, L, D, dtype, normalize, n_stats), quick)
+
+
+CASES = [
+    _case("adaLN 1x4096x1280 fp32", 1, 4096, 1280),
+    _case("adaLN 2x1800x1024 fp32", 2, 1800, 1024),
+    _case("mixer 2x1800x1024 fp32", 2, 1800, 1024, normalize=False, n_stats=2, quick=False),
+]
+
+_IMPLS = ("eager", "torch", "triton", "cuda")
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_modulate_bench(run_bench_case, case, impl):
+    run_bench_case(case, impl)

@@ -1,0 +1,101 @@
+"""Benchmark: nova_fast.residual_norm vs the eager composition ``x + gate * F.layer_norm(y, w, b)``.
+
+Sizes from issue 8: (B*L, D) = (4096, 1280) and (2*1800, 1024), fp32, forward. The gated form is the
+diffusion-head residual (gate per token, the third chunk of a (B, L, 3D) adaLN projection, read in
+place); the ungated form is the encoders' post-norm residual. Implementations: ``eager``, ``torch``
+(on CPU the inductor-compiled fused loop), ``torch_inplace`` (inplace=True), and ``triton`` /
+``cuda`` where a GPU is present.
+
+``metrics`` reports the bytes each call moves: eager is 3 passes with a gate (layer_norm, multiply,
+add) or 2 without; fused is one read of x, y (and gate) and one write; plus the torch backend's
+first-call (compile) time for the case, measured separately from the timed calls.
+
+Run: ``pytest bench/test_residual_norm_bench.py --benchmark-only``.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nova_fast
+from bench.case import BenchCase
+from nova_fast import backends
+
+COMPILE_S: dict[str, float] = {}
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backend_call(backend, fn):
+    def call():
+        with nova_fast.use_backend(backend, op="residual_norm"):
+            return fn()
+    return call
+
+
+def _setup(name, B, L, D, dtype, gated):
+    def setup():
+        dev = _device()
+        x = torch.randn(B, L, D, device=dev, dtype=dtype)
+        y = torch.randn(B, L, D, device=dev, dtype=dtype)
+        weight, bias = torch.randn(2, D, device=dev, dtype=dtype).unbind(0)
+        gate = torch.randn(B, L, 3 * D, device=dev, dtype=dtype).chunk(3, -1)[2] if gated else None
+        target = x.clone()
+
+        def eager():
+            branch = F.layer_norm(y, (D,), weight, bias, 1e-5)
+            return x + (branch if gate is None else gate * branch)
+
+        impls = {"eager": eager}
+        for backend in ("torch", "triton", "cuda"):
+            if backend == "torch" or (dev.type == "cuda" and backends.can_run(backend, dev)[0]):
+                impls[backend] = _backend_call(backend, lambda: nova_fast.residual_norm(x, y, weight, bias, gate=gate))
+        impls["torch_inplace"] = _backend_call(
+            "torch", lambda: nova_fast.residual_norm(target, y, weight, bias, gate=gate, inplace=True))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            impls["torch"]()  # first call: compiles (or loads the inductor cache) for this variant
+        COMPILE_S[name] = time.perf_counter() - t0
+        return impls
+    return setup
+
+
+def _metrics(name, B, L, D, dtype, gated):
+    def metrics():
+        X = B * L * D * torch.empty((), dtype=dtype).element_size()  # one (B, L, D) tensor
+        eager = 2 * X + (3 * X if gated else 0) + 3 * X  # layer_norm, [gate *], x +
+        fused = (4 if gated else 3) * X
+        out = {"bytes_eager": eager, "bytes_fused": fused, "bytes_ratio": round(eager / fused, 2),
+               "eager_passes": 3 if gated else 2, "fused_passes": 1}
+        if name in COMPILE_S:
+            out["torch_first_call_s"] = round(COMPILE_S[name], 3)
+        return out
+    return metrics
+
+
+def _case(name, B, L, D, dtype=torch.float32, gated=True, quick=True):
+    sizes = {"B": B, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""),
+             "gate": "per token, chunk of (B, L, 3D)" if gated else None}
+    return BenchCase("residual_norm", name, _setup(name, B, L, D, dtype, gated), "eager", sizes,
+                     _metrics(name, B, L, D, dtype, gated), quick)
+
+
+CASES = [
+    _case("gated 1x4096x1280 fp32", 1, 4096, 1280),
+    _case("gated 2x1800x1024 fp32", 2, 1800, 1024),
+    _case("post-norm 1x4096x1280 fp32", 1, 4096, 1280, gated=False, quick=False),
+    _case("post-norm 2x1800x1024 fp32", 2, 1800, 1024, gated=False, quick=False),
+]
+
+_IMPLS = ("eager", "torch", "torch_inplace", "triton", "cuda")
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_residual_norm_bench(run_bench_case, case, impl):
+    run_bench_case(case, impl)
