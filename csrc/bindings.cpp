@@ -3,7 +3,7 @@
 // Kernels stay in csrc/<op>.cu, free of torch headers, so they also build for the host harness.
 #include <torch/extension.h>
 
-#define NOVA_OPS(X)  // X(adaln) X(denoise_step)
+#define NOVA_OPS(X) X(adaln) X(denoise_step)
 
 #define NOVA_DECLARE(op) void bind_##op(pybind11::module_& m);
 NOVA_OPS(NOVA_DECLARE)
