@@ -33,21 +33,175 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def _csv(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def cmd_bench(args) -> int:
+    from nova_fast.bench import report, runner
+
+    import os
+
+    if args.no_compile:
+        os.environ["NOVA_BENCH_COMPILE"] = "0"   # read by the generation suite's setup
+    quick = True if args.quick else (False if args.full else None)
+    results = runner.run(ops=_csv(args.ops), quick=quick, configs=_csv(args.configs), budget_s=args.budget,
+                         min_runs=args.min_runs, count_ops=not args.no_ops_count)
+    print(report.console(results))
+    paths = runner.write_results(results, args.out, stem=args.name, latest=not args.no_latest)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    failed = [c["id"] for c in results["cases"] if c.get("error")]
+    return 1 if failed and args.strict else 0
+
+
+def _generation_sizes(args) -> dict:
+    from nova_fast.bench.test_generation_bench import GEN_SIZES
+
+    sizes = dict(GEN_SIZES.get(args.config, dict(latent_frames=2, ar_steps=64, diffusion_steps=25)))
+    for key in ("latent_frames", "ar_steps", "diffusion_steps"):
+        if getattr(args, key) is not None:
+            sizes[key] = getattr(args, key)
+    return sizes
+
+
+def cmd_profile(args) -> int:
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from nova_fast import profiling
+    if args.ncu_regex:
+        print(profiling.ncu_kernel_regex())
+        return 0
+    from nova_fast.bench.test_generation_bench import build_generation, device_and_dtype, generate
+
+    device, dtype = device_and_dtype()
+    sizes = _generation_sizes(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"nova-fast profile: {args.config}, {sizes['latent_frames']} latent frames x {sizes['ar_steps']} AR steps x "
+          f"{sizes['diffusion_steps']} denoising steps, batch 1 with guidance, {device.type} {dtype}", file=sys.stderr)
+    _, _, model, text = build_generation(args.config, device=device, dtype=dtype)
+    if args.accelerate:
+        import nova_fast
+
+        nova_fast.accelerate(model, backend=args.accelerate)
+    if not args.no_warmup:
+        generate(model, text, sizes)     # kernel compiles, allocator and caches settle outside the capture
+    per_layer = args.per_layer or device.type != "cuda"
+    stem = f"profile-{args.config}"
+    if device.type == "cuda":
+        # NVTX ranges for nsys / ncu; CUDA events give the per-range table without extra syncs
+        with profiling.profiled(model, per_layer=per_layer, nvtx=True, timing="events") as prof:
+            with profiling.cuda_profiler_capture():
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                generate(model, text, sizes)
+                torch.cuda.synchronize()
+                total = time.perf_counter() - t0
+        table = prof.table(total)
+        files = []
+    else:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with profiling.profiled(model, per_layer=per_layer, record_function=True) as prof:
+            with torch.profiler.profile(activities=activities) as torch_prof:
+                t0 = time.perf_counter()
+                generate(model, text, sizes)
+                total = time.perf_counter() - t0
+        trace = out / f"{stem}.trace.json"
+        torch_prof.export_chrome_trace(str(trace))
+        table = prof.table(total)
+        ops_table = torch_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        files = [trace]
+    frames = sizes["latent_frames"]
+    stage = prof.stage_seconds()
+    split = " / ".join(f"{k} {v / frames * 1e3:.2f} ms" for k, v in stage.items())
+    text_out = [f"# nova-fast profile: {args.config} on {device.type}", "",
+                f"{frames} latent frames x {sizes['ar_steps']} AR steps x {sizes['diffusion_steps']} denoising steps; "
+                f"generation {total:.3f} s ({total / frames * 1e3:.2f} ms per frame; hooks add a little on CPU)", "",
+                f"per frame: {split}", "", table]
+    if device.type != "cuda":
+        text_out += ["", "## torch.profiler: top ATen ops by self CPU time", "", "```", ops_table, "```"]
+    report_path = out / f"{stem}.md"
+    report_path.write_text("\n".join(text_out) + "\n")
+    files.append(report_path)
+    print("\n".join(text_out[:6] + [table]))
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def cmd_roofline(args) -> int:
+    import json
+
+    from nova_fast import roofline
+
+    shape, source = roofline.load_shape(args.config)
+    workload = roofline.Workload(latent_frames=args.latent_frames, ar_steps=args.ar_steps,
+                                 diffusion_steps=args.diffusion_steps, guidance_batch=1 if args.no_cfg else 2)
+    ceilings = roofline.Ceilings(peak_flops=args.tflops * 1e12, hbm_bytes_per_s=args.hbm_tbs * 1e12,
+                                 launch_s=args.launch_us * 1e-6)
+    projection = roofline.project(shape, workload, ceilings)
+    if args.json:
+        print(json.dumps({"config_source": source, **projection.to_dict()}, indent=1))
+    else:
+        print(roofline.format_projection(projection, source))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nova-fast", description="NOVA kernels: benchmarks, profiling, diagnostics")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("doctor", help="print versions, devices, the extension status and backend choices")
     p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("bench", help="time every op and end-to-end generation against the reference")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="only cases marked quick, small budget (default on CPU)")
+    mode.add_argument("--full", action="store_true", help="every case (default on GPU)")
+    p.add_argument("--ops", help="comma-separated suites, e.g. modulate,generation (default: all)")
+    p.add_argument("--configs", help="generation configs, e.g. tiny,mid (default: tiny,mid on CPU, all on GPU)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="timing budget per implementation (default 0.5 quick, 2 full)")
+    p.add_argument("--min-runs", type=int, default=None, help="timed runs at least (default 3 quick, 5 full)")
+    p.add_argument("--out", default=None, metavar="DIR", help="results folder (default bench/results)")
+    p.add_argument("--name", default=None, help="file stem (default <device>-<date>-<time>)")
+    p.add_argument("--no-latest", action="store_true", help="do not also write latest.{json,md,png}")
+    p.add_argument("--no-ops-count", action="store_true", help="skip the extra call that counts ATen ops")
+    p.add_argument("--no-compile", action="store_true",
+                   help="report reference+compile as skipped instead of compiling (saves minutes on a CPU)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a case failed to set up or lacks its baseline")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("profile", help="one representative generation with NVTX ranges (GPU) or a torch.profiler "
+                                       "trace and per-layer table (CPU)")
+    p.add_argument("--config", default="tiny", help="tiny, mid, osp480, ... (default tiny)")
+    p.add_argument("--latent-frames", type=int, default=None)
+    p.add_argument("--ar-steps", type=int, default=None)
+    p.add_argument("--diffusion-steps", type=int, default=None)
+    p.add_argument("--per-layer", action="store_true", help="a range per encoder block (always on CPU)")
+    p.add_argument("--accelerate", metavar="BACKEND", default=None,
+                   help="profile nova_fast.accelerate(model, backend=BACKEND) instead of the reference")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before the capture")
+    p.add_argument("--ncu-regex", action="store_true",
+                   help="print the ncu --kernel-name regex matching nova_fast's own kernels and exit")
+    p.add_argument("--out", default="nova-fast-profile", metavar="DIR", help="output folder (default ./nova-fast-profile)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("roofline", help="PROJECTED FLOPs, bytes, launches and H100 time per op and per video")
+    p.add_argument("--config", default="osp480")
+    p.add_argument("--latent-frames", type=int, default=9)
+    p.add_argument("--ar-steps", type=int, default=64)
+    p.add_argument("--diffusion-steps", type=int, default=25)
+    p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance (batch 1 instead of 2)")
+    p.add_argument("--tflops", type=float, default=790.0, help="dense bf16 tensor TFLOP/s (default 790)")
+    p.add_argument("--hbm-tbs", type=float, default=3.0, help="HBM TB/s (default 3.0)")
+    p.add_argument("--launch-us", type=float, default=4.0, help="cost of one kernel launch in us (default 4)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=cmd_roofline)
+
     args = parser.parse_args(argv)
     return args.func(args)
-
-
-def cmd_bench(args) -> int:
-    # Until the benchmark suites land, bench reports the environment it would run in.
-    print("nova-fast bench: environment")
-    return cmd_doctor(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,447 @@
+"""Roofline PROJECTION of NOVA generation: FLOPs, bytes and launches per op, per frame, per video.
+
+Nothing here is measured. From a model configuration and a workload (latent frames, AR steps,
+denoising steps, classifier-free guidance) it counts, for every op of every pass the generation
+makes, the floating-point work, the bytes an ideal kernel must move through HBM, and the number of
+kernel launches an eager PyTorch implementation issues; then projects a time on stated ceilings:
+
+    projected seconds per call = max(flops / peak_flops, bytes / hbm_bandwidth) + launches * per_launch
+
+summed over all calls. Defaults are H100 SXM figures (dense bf16 tensor ~790 TFLOP/s, HBM ~3.0 TB/s,
+4 us per launch). What the counts follow (NOVA_SPEC.md, section 3):
+
+* temporal encoder: one pass per latent frame with a KV cache; frame 0 also carries the text prefix
+  (256 text + 2 motion tokens); queries = the frame's tokens, keys = prefix + frames so far;
+* spatial encoder, per executed AR step: first half of the blocks on [prefix, known tokens] (known
+  grows as steps go by), second half on [prefix, all tokens];
+* diffusion head: K calls per AR step on the predicted tokens only;
+* guidance doubles the batch of every pass.
+
+Launch model (eager, no CUDA graphs, bias fused into its GEMM): one launch per GEMM, per fused
+attention, per LayerNorm, per elementwise op; the per-op launch counts are listed next to each op
+below. Bytes: weights once per call plus activations in and out, no reuse across ops.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+# The paper's reported figures (arXiv 2412.14169, inference cost table), for comparison only.
+PAPER = {"what": "NOVA paper, one 29x768x480 video", "video_s": 12.0, "spatial_s": 11.97, "temporal_s": 0.03}
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    peak_flops: float = 790e12        # dense bf16 tensor-core FLOP/s (H100 SXM)
+    hbm_bytes_per_s: float = 3.0e12   # HBM3 bandwidth
+    launch_s: float = 4e-6            # cost of one kernel launch in eager PyTorch
+    name: str = "H100 (projected)"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the counts need, derived from a NOVA configuration."""
+    name: str
+    width: int                 # encoder width D (temporal and spatial are equal)
+    heads: int
+    temporal_depth: int
+    spatial_depth: int
+    head_width: int
+    head_depth: int
+    spatial_tokens: int        # tokens per frame in the spatial encoder (1440 for osp480)
+    temporal_tokens: int       # tokens per frame in the temporal encoder (360 for osp480)
+    text_tokens: int = 256
+    motion_tokens: int = 2     # video models: flow and fps tokens
+    text_dim: int = 2560
+    latent_channels: int = 4
+    image_patch: int = 2
+    video_patch: int = 4
+    mixer_rank: int | None = None   # None: no Scaling-and-Shift layer; <0: full rank
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.text_tokens + self.motion_tokens
+
+
+@dataclass(frozen=True)
+class Workload:
+    latent_frames: int = 9
+    ar_steps: int = 64
+    diffusion_steps: int = 25
+    guidance_batch: int = 2     # 2: classifier-free guidance doubles every pass
+    batch: int = 1
+    dtype_bytes: int = 2        # bf16
+
+
+@dataclass
+class Cost:
+    flops: float = 0.0
+    bytes: float = 0.0
+    launches: float = 0.0
+    calls: int = 0
+    seconds: float = 0.0        # projected, summed per call
+
+    def add(self, other: "Cost", times: int = 1) -> None:
+        self.flops += other.flops * times
+        self.bytes += other.bytes * times
+        self.launches += other.launches * times
+        self.calls += other.calls * times
+        self.seconds += other.seconds * times
+
+
+def projected_seconds(flops: float, nbytes: float, launches: float, ceilings: Ceilings) -> float:
+    return max(flops / ceilings.peak_flops, nbytes / ceilings.hbm_bytes_per_s) + launches * ceilings.launch_s
+
+
+def _cost(flops, nbytes, launches, ceilings) -> Cost:
+    return Cost(flops, nbytes, launches, 1, projected_seconds(flops, nbytes, launches, ceilings))
+
+
+# ---- primitive ops -----------------------------------------------------------------------------
+def linear_cost(tokens: int, d_in: int, d_out: int, e: int, ceilings: Ceilings = Ceilings()) -> Cost:
+    """A Linear on ``tokens`` rows: 2*tokens*d_in*d_out FLOPs; weight + input + output bytes; 1 launch."""
+    return _cost(2.0 * tokens * d_in * d_out, e * (d_in * d_out + tokens * (d_in + d_out)), 1, ceilings)
+
+
+def attention_cost(batch: int, queries: int, keys: int, width: int, e: int, ceilings: Ceilings = Ceilings()) -> Cost:
+    """Fused attention (flash / SDPA): QK^T and PV, 2*q*k*width FLOPs each (softmax not counted);
+    Q, K, V read and O written once; 1 launch."""
+    flops = 4.0 * batch * queries * keys * width
+    nbytes = e * batch * (2 * queries * width + 2 * keys * width)
+    return _cost(flops, nbytes, 1, ceilings)
+
+
+def elementwise_cost(elements: int, passes: int, launches: int, e: int, flops_per_element: float = 1.0,
+                     ceilings: Ceilings = Ceilings()) -> Cost:
+    """Memory-bound work: ``passes`` reads/writes of ``elements`` values over ``launches`` kernels."""
+    return _cost(flops_per_element * elements, e * elements * passes, launches, ceilings)
+
+
+def block_costs(batch: int, queries: int, keys: int, width: int, e: int = 2,
+                ceilings: Ceilings = Ceilings(), kv_cache: bool = False) -> dict[str, Cost]:
+    """One post-norm transformer block (fused qkv, attention, proj, LN + residual, MLP D->4D->D, GELU,
+    LN + residual) for ``batch`` sequences of ``queries`` tokens attending to ``keys`` tokens."""
+    rows = batch * queries
+    d = width
+    ops = {
+        "qkv": linear_cost(rows, d, 3 * d, e, ceilings),
+        "attention": attention_cost(batch, queries, keys, d, e, ceilings),
+        "proj": linear_cost(rows, d, d, e, ceilings),
+        "mlp.fc1": linear_cost(rows, d, 4 * d, e, ceilings),
+        "mlp.gelu": elementwise_cost(rows * 4 * d, 2, 1, e, 8.0, ceilings),
+        "mlp.fc2": linear_cost(rows, 4 * d, d, e, ceilings),
+        # two (LayerNorm, add) pairs: LN reads and writes, add reads two and writes one -> 5 passes
+        "norm+residual": elementwise_cost(rows * d, 10, 4, e, 10.0, ceilings),
+    }
+    if kv_cache:
+        # eager cache append: cat of the past keys/values with the new ones (reads and writes all)
+        ops["kv_cache"] = elementwise_cost(batch * keys * 2 * d, 2, 2, e, 0.0, ceilings)
+    return ops
+
+
+# ---- the generation ----------------------------------------------------------------------------
+def ar_schedule(tokens: int, steps: int) -> list[tuple[int, int]]:
+    """(known tokens before the step, tokens predicted) for every executed AR step (NOVA's cosine
+    schedule: len_j = round(cos(pi/2 * j/S) * L); steps predicting nothing are skipped)."""
+    lengths = [round(math.cos(math.pi / 2 * j / steps) * tokens) for j in range(steps + 1)]
+    out = []
+    for i in range(steps):
+        predicted = lengths[i] - lengths[i + 1]
+        if predicted > 0:
+            out.append((tokens - lengths[i], predicted))
+    return out
+
+
+@dataclass
+class Projection:
+    shape: ModelShape
+    workload: Workload
+    ceilings: Ceilings
+    ops: dict[tuple[str, str], Cost] = field(default_factory=dict)   # (stage, op) -> per-video cost
+    executed_ar_steps: int = 0
+
+    def _add(self, stage: str, costs: dict[str, Cost], times: int = 1, prefix: str = "") -> None:
+        for op, cost in costs.items():
+            self.ops.setdefault((stage, prefix + op), Cost()).add(cost, times)
+
+    def stage_totals(self) -> dict[str, Cost]:
+        out: dict[str, Cost] = {}
+        for (stage, _), cost in self.ops.items():
+            out.setdefault(stage, Cost()).add(cost)
+        return out
+
+    def total(self) -> Cost:
+        out = Cost()
+        for cost in self.ops.values():
+            out.add(cost)
+        return out
+
+    def to_dict(self) -> dict:
+        frames = self.workload.latent_frames
+        return {
+            "label": "PROJECTION (not measured)",
+            "shape": asdict(self.shape), "workload": asdict(self.workload), "ceilings": asdict(self.ceilings),
+            "executed_ar_steps_per_frame": self.executed_ar_steps,
+            "ops": [{"stage": s, "op": o, **asdict(c)} for (s, o), c in self.ops.items()],
+            "stages": {s: asdict(c) for s, c in self.stage_totals().items()},
+            "per_frame_seconds": {s: c.seconds / frames for s, c in self.stage_totals().items()},
+            "video": asdict(self.total()),
+            "paper": PAPER,
+        }
+
+
+def project(shape: ModelShape, workload: Workload = Workload(), ceilings: Ceilings = Ceilings()) -> Projection:
+    """Count every op of one generated video (see the module docstring for what is counted)."""
+    p = Projection(shape, workload, ceilings)
+    e = workload.dtype_bytes
+    b = workload.batch * workload.guidance_batch
+    d, w = shape.width, shape.head_width
+    tt, ts, prefix = shape.temporal_tokens, shape.spatial_tokens, shape.prefix_tokens
+    c = ceilings
+    in_video = shape.video_patch ** 2 * shape.latent_channels
+    in_image = shape.image_patch ** 2 * shape.latent_channels
+
+    # temporal encoder: text prefix once, then one pass per latent frame over the frame's tokens
+    p._add("temporal", {
+        "text_embed": linear_cost(b * shape.text_tokens, shape.text_dim, d, e, c),
+        "text_norm": elementwise_cost(b * shape.text_tokens * d, 2, 1, e, 8.0, c),
+    })
+    if shape.motion_tokens:
+        # each motion token: sin-cos(128) -> Linear(256, D), SiLU, Linear(D, D): 3 launches + 2 for sin-cos
+        motion = Cost()
+        for _ in range(shape.motion_tokens):
+            motion.add(linear_cost(b, 256, d, e, c))
+            motion.add(linear_cost(b, d, d, e, c))
+            motion.add(elementwise_cost(b * d, 2, 3, e, 4.0, c))
+        motion.calls = 1
+        p._add("temporal", {"motion_embed": motion})
+    for t in range(workload.latent_frames):
+        queries = tt + (prefix if t == 0 else 0)
+        keys = prefix + tt * (t + 1)
+        embed = Cost()
+        embed.add(linear_cost(b * tt, in_video, d, e, c))                    # patch embed
+        embed.add(elementwise_cost(b * tt * d, 3, 4, e, 2.0, c))              # bos/mask select, pos add
+        embed.calls = 1
+        p._add("temporal", {"embed": embed})
+        for _ in range(shape.temporal_depth):
+            p._add("temporal", block_costs(b, queries, keys, d, e, c, kv_cache=True))
+        p._add("temporal", {"final_norm": elementwise_cost(b * tt * d, 2, 1, e, 8.0, c)})
+        if t > 0 and shape.mixer_rank is not None:
+            rank = d if shape.mixer_rank < 0 else shape.mixer_rank
+            mixer = Cost()
+            mixer.add(elementwise_cost(b * tt * d, 2, 1, e, 4.0, c))          # SiLU
+            if shape.mixer_rank >= 0:
+                mixer.add(linear_cost(b * tt, d, rank, e, c))                   # LoRA down
+            mixer.add(linear_cost(b * tt, rank, 2 * d, e, c))                   # scale, shift
+            mixer.add(elementwise_cost(b * tt * d, 4, 2, e, 2.0, c))          # x0 * (1 + scale) + shift
+            mixer.calls = 1
+            p._add("temporal", {"mixer": mixer})
+
+    # spatial encoder and diffusion head: per frame, per executed AR step
+    schedule = ar_schedule(ts, workload.ar_steps)
+    p.executed_ar_steps = len(schedule)
+    half = shape.spatial_depth // 2
+    frames = workload.latent_frames
+    for known, predicted in schedule:
+        embed = Cost()
+        embed.add(linear_cost(b * ts, in_image, d, e, c))                     # patch embed of the canvas
+        embed.add(elementwise_cost(b * ts * d, 4, 4, e, 2.0, c))              # mask select, pos add, cat prefix
+        embed.calls = 1
+        p._add("spatial", {"embed": embed}, frames)
+        # first half: gather [prefix, known] in, scatter its output back over the canvas
+        p._add("spatial", {"gather/scatter": elementwise_cost(b * (tt + known + ts) * d, 2, 4, e, 0.0, c)}, frames)
+        for _ in range(half):
+            p._add("spatial", block_costs(b, tt + known, tt + known, d, e, c), frames, prefix="half1.")
+        for _ in range(shape.spatial_depth - half):
+            p._add("spatial", block_costs(b, tt + ts, tt + ts, d, e, c), frames, prefix="half2.")
+        p._add("spatial", {"final_norm": elementwise_cost(b * ts * d, 2, 1, e, 8.0, c)}, frames)
+        p._add("head", head_call_costs(b * predicted, shape, e, c), frames * workload.diffusion_steps)
+    return p
+
+
+def head_call_costs(tokens: int, shape: ModelShape, e: int, ceilings: Ceilings = Ceilings()) -> dict[str, Cost]:
+    """One diffusion-head call on ``tokens`` rows (guidance included), with the scheduler step after it."""
+    c = ceilings
+    w, d = shape.head_width, shape.width
+    out_dim = shape.image_patch ** 2 * shape.latent_channels
+    embed = Cost()
+    embed.add(linear_cost(tokens, out_dim, w, e, c))                 # patch embed of the noisy tokens
+    embed.add(elementwise_cost(tokens * 256, 1, 4, e, 4.0, c))       # timestep sin-cos
+    embed.add(linear_cost(tokens, 256, w, e, c))                     # timestep_proj.fc1
+    embed.add(linear_cost(tokens, w, w, e, c))                       # timestep_proj.fc2
+    embed.add(linear_cost(tokens, d, w, e, c))                       # condition_proj.fc1
+    embed.add(linear_cost(tokens, w, w, e, c))                       # condition_proj.fc2
+    embed.add(elementwise_cost(tokens * w, 6, 3, e, 4.0, c))         # two SiLUs and the add
+    adaln, mlp, gate = Cost(), Cost(), Cost()
+    for _ in range(shape.head_depth):
+        adaln.add(elementwise_cost(tokens * w, 2, 1, e, 4.0, c))     # SiLU(cond)
+        adaln.add(linear_cost(tokens, w, 3 * w, e, c))               # scale, shift, gate
+        adaln.add(elementwise_cost(tokens * w, 6, 3, e, 10.0, c))    # LN, * (1 + scale), + shift
+        mlp.add(linear_cost(tokens, w, w, e, c))
+        mlp.add(elementwise_cost(tokens * w, 2, 1, e, 4.0, c))       # SiLU
+        mlp.add(linear_cost(tokens, w, w, e, c))
+        gate.add(elementwise_cost(tokens * w, 7, 3, e, 10.0, c))     # LN, gate *, residual +
+    final = Cost()
+    final.add(elementwise_cost(tokens * w, 2, 1, e, 4.0, c))
+    final.add(linear_cost(tokens, w, 2 * w, e, c))
+    final.add(elementwise_cost(tokens * w, 6, 3, e, 10.0, c))
+    final.add(linear_cost(tokens, w, out_dim, e, c))
+    # guidance: duplicate the input, combine u + g (c - u); DDPM step: x0, posterior mean, noise
+    step = elementwise_cost(tokens * out_dim, 12, 10, e, 10.0, c)
+    for cost in (embed, final):
+        cost.calls = 1
+    for cost in (adaln, mlp, gate):
+        cost.calls = shape.head_depth      # one call per head block
+    return {"embed": embed, "adaln": adaln, "mlp": mlp, "norm+gate": gate, "final": final,
+            "cfg+scheduler": step}
+
+
+# ---- configurations ----------------------------------------------------------------------------
+_ARCH = re.compile(r"(vit|mlp)_d(\d+)w(\d+)")
+
+# Facts from NOVA_SPEC.md section 1, used when nova_fast.reference is not importable.
+SPEC_CONFIGS = {
+    "osp480": dict(image_dim=4, image_size=(480, 768), image_stride=8, text_token_dim=2560, text_token_len=256,
+                   video_base_size=(16, 15, 24), image_base_size=(30, 48), video_mixer_rank=24,
+                   arch=("vit_d16w1024", "vit_d32w1024", "mlp_d3w1280")),
+    **{f"sdxl1024-w{w}": dict(image_dim=4, image_size=(1024, 1024), image_stride=8, text_token_dim=2560,
+                              text_token_len=256, video_base_size=(1, 32, 32), image_base_size=(64, 64),
+                              video_mixer_rank=None, arch=(f"vit_d16w{w}", f"vit_d32w{w}", f"mlp_d6w{w}"))
+       for w in (768, 1024, 1536)},
+}
+
+
+def _field(config, name, default=None):
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def _heads(width: int) -> int:
+    return 12 if width == 768 else 16
+
+
+def shape_from_config(config, name: str = "") -> ModelShape:
+    """ModelShape from a NOVA configuration: a ``NOVAConfig`` or a dict with the released
+    ``config.json`` fields (image_size, image_stride, image_dim, text_token_len, video_base_size,
+    video_mixer_rank, arch)."""
+    arch = _field(config, "arch")
+    if arch is None:
+        raise ValueError(f"configuration {name or config!r} has no 'arch' field")
+    parsed = []
+    for part in arch:
+        m = _ARCH.fullmatch(str(part))
+        if not m:
+            raise ValueError(f"cannot read arch entry {part!r} (expected vit_dNwM / mlp_dNwM)")
+        parsed.append((int(m.group(2)), int(m.group(3))))
+    (t_depth, t_width), (s_depth, s_width), (h_depth, h_width) = parsed
+    stride = int(_field(config, "image_stride", 8))
+    height, width_px = _field(config, "image_size")
+    patch = int(_field(config, "image_patch_size", None) or (15 // stride + 1))
+    video_patch = int(_field(config, "video_patch_size", None) or 2 * patch)
+    latent_h, latent_w = height // stride, width_px // stride
+    video_base = _field(config, "video_base_size", (1, 0, 0))
+    is_video = int(video_base[0]) > 1
+    heads = _field(config, "num_heads", None) or _field(config, "heads", None) or _heads(s_width)
+    return ModelShape(
+        name=name or str(_field(config, "name", "")),
+        width=s_width, heads=int(heads), temporal_depth=t_depth, spatial_depth=s_depth,
+        head_width=h_width, head_depth=h_depth,
+        spatial_tokens=(latent_h // patch) * (latent_w // patch),
+        temporal_tokens=(latent_h // video_patch) * (latent_w // video_patch),
+        text_tokens=int(_field(config, "text_token_len", 256)),
+        motion_tokens=2 if is_video else 0,
+        text_dim=int(_field(config, "text_token_dim", 2560)),
+        latent_channels=int(_field(config, "image_dim", 4)),
+        image_patch=patch, video_patch=video_patch,
+        mixer_rank=_field(config, "video_mixer_rank", None) if is_video else None,
+    )
+
+
+def load_shape(name: str) -> tuple[ModelShape, str]:
+    """(shape, where the configuration came from) for a preset name."""
+    config = None
+    try:
+        from nova_fast.reference import NOVAConfig
+    except ImportError:
+        NOVAConfig = None
+    if NOVAConfig is not None:
+        try:
+            config = NOVAConfig.preset(name)
+        except Exception as exc:  # noqa: BLE001 -- any failure: say which name, keep the cause
+            if name not in SPEC_CONFIGS:
+                raise ValueError(f"unknown configuration {name!r}: {exc}") from exc
+    if config is not None:
+        try:
+            return shape_from_config(_config_fields(config), name), "nova_fast.reference.NOVAConfig"
+        except (TypeError, ValueError, KeyError):
+            pass    # a config without the released fields: the spec's table below still knows the preset
+    if name not in SPEC_CONFIGS:
+        raise ValueError(f"unknown configuration {name!r}; known here: {', '.join(SPEC_CONFIGS)}")
+    return shape_from_config(SPEC_CONFIGS[name], name), "NOVA_SPEC.md section 1 (built-in table)"
+
+
+def _config_fields(config):
+    if isinstance(config, dict):
+        return config
+    for attr in ("to_dict", "asdict"):
+        if callable(getattr(config, attr, None)):
+            return getattr(config, attr)()
+    try:
+        return asdict(config)
+    except TypeError:
+        return vars(config)
+
+
+# ---- report ------------------------------------------------------------------------------------
+def format_projection(p: Projection, source: str = "") -> str:
+    s, wl, c = p.shape, p.workload, p.ceilings
+    frames = wl.latent_frames
+    lines = [
+        f"NOVA roofline -- PROJECTED, NOT MEASURED -- config {s.name}" + (f" (from {source})" if source else ""),
+        f"model: temporal {s.temporal_depth}x{s.width}, spatial {s.spatial_depth}x{s.width} ({s.heads} heads), "
+        f"head {s.head_depth}x{s.head_width}; tokens/frame spatial {s.spatial_tokens}, temporal {s.temporal_tokens}, "
+        f"prefix {s.prefix_tokens} (text {s.text_tokens} + motion {s.motion_tokens})",
+        f"workload: {frames} latent frames x {wl.ar_steps} AR steps ({p.executed_ar_steps} executed) x "
+        f"{wl.diffusion_steps} denoising steps, guidance batch {wl.guidance_batch}, {8 * wl.dtype_bytes}-bit",
+        f"ceilings ({c.name}): tensor {c.peak_flops / 1e12:.0f} TFLOP/s, HBM {c.hbm_bytes_per_s / 1e12:.1f} TB/s, "
+        f"{c.launch_s * 1e6:.1f} us per launch; projected time per call = max(flops/peak, bytes/HBM) + launches*launch",
+        "launch model: eager PyTorch, one launch per GEMM / fused attention / LayerNorm / elementwise op, no CUDA graphs",
+        "",
+        f"{'stage':<9} {'op':<22} {'calls/video':>11} {'GFLOP/video':>12} {'GB/video':>9} {'launches':>9} "
+        f"{'projected s':>11} {'bound':>7}",
+    ]
+    for (stage, op), cost in sorted(p.ops.items(), key=lambda kv: (kv[0][0], -kv[1].seconds)):
+        compute = cost.flops / c.peak_flops
+        memory = cost.bytes / c.hbm_bytes_per_s
+        launch = cost.launches * c.launch_s
+        bound = "launch" if launch > max(compute, memory) else ("compute" if compute >= memory else "memory")
+        lines.append(f"{stage:<9} {op:<22} {cost.calls:>11,d} {cost.flops / 1e9:>12,.1f} {cost.bytes / 1e9:>9,.2f} "
+                     f"{int(cost.launches):>9,d} {cost.seconds:>11.4f} {bound:>7}")
+    totals = p.stage_totals()
+    total = p.total()
+    lines += ["", f"{'stage':<9} {'TFLOP/video':>11} {'GB/video':>9} {'launches':>9} {'projected s/video':>17} "
+              f"{'projected s/frame':>17} {'paper s/video':>13}"]
+    # the paper's spatial figure (11.97 s) plus temporal (0.03 s) is its whole 12 s, so it must include the
+    # diffusion head: it is compared with the spatial + head row, not the spatial encoder alone
+    paper = {"temporal": PAPER["temporal_s"], "spatial": None, "head": None}
+    for stage in ("temporal", "spatial", "head"):
+        cost = totals.get(stage, Cost())
+        ref = paper[stage]
+        lines.append(f"{stage:<9} {cost.flops / 1e12:>11.2f} {cost.bytes / 1e9:>9.1f} {int(cost.launches):>9,d} "
+                     f"{cost.seconds:>17.3f} {cost.seconds / frames:>17.4f} "
+                     f"{(f'{ref:.2f}' if ref is not None else 'n/a'):>13}")
+    both = Cost()
+    both.add(totals.get("spatial", Cost()))
+    both.add(totals.get("head", Cost()))
+    lines.append(f"{'sp.+head':<9} {both.flops / 1e12:>11.2f} {both.bytes / 1e9:>9.1f} {int(both.launches):>9,d} "
+                 f"{both.seconds:>17.3f} {both.seconds / frames:>17.4f} {PAPER['spatial_s']:>13.2f}")
+    lines.append(f"{'video':<9} {total.flops / 1e12:>11.2f} {total.bytes / 1e9:>9.1f} {int(total.launches):>9,d} "
+                 f"{total.seconds:>17.3f} {total.seconds / frames:>17.4f} {PAPER['video_s']:>13.2f}")
+    lines += ["", f"projected: {total.seconds:.2f} s per video on the stated ceilings "
+                  f"({total.launches * c.launch_s:.2f} s of it launch cost); "
+                  f"paper ({PAPER['what']}): {PAPER['video_s']} s, spatial layers {PAPER['spatial_s']} s, "
+                  f"temporal {PAPER['temporal_s']} s "
+                  f"(its spatial figure includes the diffusion head: 11.97 + 0.03 = 12)"]
+    return "\n".join(lines)
