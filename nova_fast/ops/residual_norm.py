@@ -12,7 +12,8 @@ In place: ``inplace=True`` writes the result into x and returns x. It is for inf
 if autograd would need to record the op (grad mode on and any input requiring grad).
 
 Backends: ``torch`` (CPU: the math compiled once per dtype/layout by ``torch.compile``, inductor C++,
-``NOVA_FAST_TORCH_COMPILE=0`` for eager; other devices: eager; backward: eager torch formulas),
+``NOVA_FAST_TORCH_COMPILE=0`` for eager; inference calls under 1M elements: ATen's layer_norm and one
+add, see ``modulate.NATIVE_MAX_ELEMENTS``; other devices: eager; backward: eager torch formulas),
 ``triton`` (``nova_fast.kernels.adaln``), ``cuda`` (``nova_fast._C``, csrc/adaln.cu). Autograd via the
 ``torch.library`` custom ops ``nova_fast::residual_norm`` / ``nova_fast::residual_norm_backward``; the
 in-place form is ``nova_fast::residual_norm_`` (mutates x, no autograd).
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from nova_fast import backends
-from nova_fast.ops.modulate import as_3d, check_rows, check_x, compiled, needs_autograd, use_compile
+from nova_fast.ops.modulate import as_3d, check_rows, check_x, compiled, needs_autograd, use_compile, use_native
 
 OP = "residual_norm"
 
@@ -65,7 +66,18 @@ def _residual_norm_inplace_math(x: Tensor, y: Tensor, weight: Tensor, bias: Tens
     x.copy_(_residual_norm_math(x, y, weight, bias, gate, eps, False)[0])
 
 
+def _forward_native(x, y, weight, bias, gate, eps, out=None):
+    """Small inference calls on CPU: ATen's layer_norm kernel and one add (see NATIVE_MAX_ELEMENTS)."""
+    branch = torch.nn.functional.layer_norm(y, y.shape[-1:], weight, bias, eps)
+    if out is x:
+        return (x.add_(branch) if gate is None else x.addcmul_(gate, branch)),
+    result = x + branch if gate is None else torch.addcmul(x, gate, branch)
+    return (result,) if out is None else (out.copy_(result),)
+
+
 def _forward_torch(x, y, weight, bias, gate, eps, store_stats, out=None):
+    if use_native(y, store_stats):
+        return _forward_native(x, y, weight, bias, gate, eps, out)
     if out is x and use_compile(y.device):
         key = (OP + "_", y.dtype, gate is None, y.shape[0] == 1, y.shape[1] == 1,
                gate is not None and gate.shape[1] == 1, x.is_contiguous(), y.is_contiguous(),
