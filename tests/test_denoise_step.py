@@ -60,7 +60,7 @@ def make_case(guide, groups, group_len, dtype, device, kind="ddpm", seed=0):
     else:  # flow Euler: x0 := v, x_new = dt * v + x
         coef[:, 1], coef[:, 2], coef[:, 3], coef[:, 4] = 1.0, 1.0, torch.tensor([-0.3, -0.25, -0.25, -0.2]), 1.0
     scales = torch.tensor([4.5, 1.7, 0.6])
-    return out, x, noise, coef.to(device), scales.to(device)
+    return out, x, noise, op.fold_coefficients(coef).to(device), scales.to(device)
 
 
 CASES = [  # (guide, renorm, noise, groups, group_len, kind[, group_stride])
