@@ -69,6 +69,21 @@ def use_backend(backend: str, op: str | None = None):
         _restore(saved)
 
 
+@contextlib.contextmanager
+def use_backends(per_op: dict):
+    """Per-op choices {op: backend} for the duration of a block (what ``nova_fast.accelerate`` runs
+    a model under); restores the previous choices on exit."""
+    for op, backend in per_op.items():
+        _check_name(backend, f"backend for {op}")
+    with _lock:
+        saved = (_global_choice, dict(_op_choice))
+        _op_choice.update(per_op)
+    try:
+        yield
+    finally:
+        _restore(saved)
+
+
 def _restore(saved) -> None:
     global _global_choice
     with _lock:

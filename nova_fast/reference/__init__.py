@@ -12,6 +12,8 @@ Readable like the paper, one file per concern; it never imports ``nova_fast.ops`
 Hot paths an accelerator may replace by attribute (each is one method with plain tensor arguments):
 - ``layers.Attention.attend(q, k, v, attn_mask)``: the attention core, (B, H, N, d) tensors;
 - ``NOVAModel.temporal_attention_mask(group_ids)``: the block-causal training mask (bool, True = attend);
+- ``NOVAModel.spatial_features(tokens, prefix, known_ids, rope_pos, read_ids)``: the spatial encoder
+  read at the predicted tokens (``SpatialEncoder.prepare`` is everything before its second half);
 - ``NOVAModel.denoise_step_tokens(z, noise, pred_ids, scheduler, guidance, generator)``: the K-step
   denoising loop of one AR step (returns canvas tokens (B, L, P));
 - ``NOVAModel.mix(anchor, z)`` / ``encoders.VideoMixer.forward(x0, z)``: the Scaling-and-Shift layer;

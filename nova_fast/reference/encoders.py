@@ -104,11 +104,11 @@ class SpatialEncoder(nn.Module):
             h = blk(h, rope=rope)
         return h
 
-    def forward(self, tokens: torch.Tensor, prefix: Optional[torch.Tensor] = None,
-                known_ids: Optional[torch.Tensor] = None, rope_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens (B, L, D): patch-embedded frame with unknown tokens already replaced by the mask
-        token; prefix (B, P, D); known_ids (B, k) the known tokens (k may be 0), or None to run all
-        blocks on all tokens; rope_pos (B, L, 3) token positions with RoPE. Returns (B, L, D)."""
+    def prepare(self, tokens: torch.Tensor, prefix: Optional[torch.Tensor] = None,
+                known_ids: Optional[torch.Tensor] = None, rope_pos: Optional[torch.Tensor] = None):
+        """Everything before the second half: position embedding, the first half on [prefix, known
+        tokens] (all tokens when known_ids is None) and the scatter back over the masked sequence.
+        Returns (h (B, P + L, D), RoPE tables of all tokens or None)."""
         P = 0 if prefix is None else prefix.shape[1]
         x = self.add_pos_embed(tokens)
         rope_all = rope_known = None
@@ -118,10 +118,17 @@ class SpatialEncoder(nn.Module):
             if known_ids is not None:
                 rope_known = self.rope.tables(torch.cat([pad, gather_tokens(rope_pos, known_ids)], 1))
         if known_ids is None or self.encoder_depth == 0:
-            h = self.encode_all(self.encode_known(prefix, x, rope_all), rope_all)
-        else:
-            h = self.encode_known(prefix, gather_tokens(x, known_ids), rope_known)
-            prefix_out, known_out = h[:, :P], h[:, P:]
-            h = torch.cat([prefix_out, scatter_tokens(x, known_ids, known_out)], dim=1)
-            h = self.encode_all(h, rope_all)
+            return self.encode_known(prefix, x, rope_all), rope_all
+        h = self.encode_known(prefix, gather_tokens(x, known_ids), rope_known)
+        prefix_out, known_out = h[:, :P], h[:, P:]
+        return torch.cat([prefix_out, scatter_tokens(x, known_ids, known_out)], dim=1), rope_all
+
+    def forward(self, tokens: torch.Tensor, prefix: Optional[torch.Tensor] = None,
+                known_ids: Optional[torch.Tensor] = None, rope_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, L, D): patch-embedded frame with unknown tokens already replaced by the mask
+        token; prefix (B, P, D); known_ids (B, k) the known tokens (k may be 0), or None to run all
+        blocks on all tokens; rope_pos (B, L, 3) token positions with RoPE. Returns (B, L, D)."""
+        P = 0 if prefix is None else prefix.shape[1]
+        h, rope_all = self.prepare(tokens, prefix, known_ids, rope_pos)
+        h = self.encode_all(h, rope_all)
         return self.norm(h[:, P:])

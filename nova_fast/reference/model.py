@@ -188,6 +188,12 @@ class NOVAModel(nn.Module):
             return None
         return RotaryEmbed3D.grid(1, *self.config.spatial_grid, device=self.device).unsqueeze(0).expand(batch, -1, -1)
 
+    def spatial_features(self, tokens: torch.Tensor, prefix: torch.Tensor, known_ids: torch.Tensor,
+                         rope_pos: Optional[torch.Tensor], read_ids: torch.Tensor) -> torch.Tensor:
+        """The spatial encoder on the canvas tokens (m*B, L, D), read at the tokens the head will
+        predict: read_ids (m*B, n) -> (m*B, n, D). The released model encodes every token and gathers."""
+        return gather_tokens(self.image_encoder(tokens, prefix, known_ids, rope_pos), read_ids)
+
     def denoise_step_tokens(self, z: torch.Tensor, noise: torch.Tensor, pred_ids: torch.Tensor, scheduler,
                             guidance: Optional[Guidance], generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The K denoising steps of one AR step, on the whole canvas, as the released model does.
@@ -242,10 +248,11 @@ class NOVAModel(nn.Module):
             pred_ids = state["order"][:, pos:pos + n]
             pos += n
             tokens = self.mask_embed.apply_mask(self.image_encoder.patch_embed(canvas), known)
-            z = self.image_encoder(self.expand_passes(tokens, m), prefix, self.expand_passes(known_ids, m), rope_pos)
             ids_m = self.expand_passes(pred_ids, m)
+            z = self.spatial_features(self.expand_passes(tokens, m), prefix, self.expand_passes(known_ids, m),
+                                      rope_pos, ids_m)
             noise.normal_(generator=generator)
-            sample = self.denoise_step_tokens(gather_tokens(z, ids_m), noise, ids_m, scheduler, guidance, generator)
+            sample = self.denoise_step_tokens(z, noise, ids_m, scheduler, guidance, generator)
             write = torch.zeros(B, L, 1, dtype=torch.bool, device=self.device).scatter_(1, pred_ids.unsqueeze(-1), True)
             canvas = canvas + unpatchify(sample * write.to(sample.dtype), self.patch, canvas.shape)
             known = known | write.squeeze(-1)
