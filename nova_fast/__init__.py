@@ -16,8 +16,8 @@ _LAZY = {
     "modulate": "nova_fast.ops.modulate",
     "residual_norm": "nova_fast.ops.residual_norm",
     "denoise_tokens": "nova_fast.ops.denoise_tokens",
-    "accelerate": "nova_fast.accelerate",
-    "restore": "nova_fast.accelerate",
+    "accelerate": "nova_fast.accelerator",
+    "restore": "nova_fast.accelerator",
 }
 
 __all__ = ["BackendUnavailable", "backend_info", "set_backend", "use_backend", *_LAZY]

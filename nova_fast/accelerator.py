@@ -1,0 +1,426 @@
+"""``nova_fast.accelerate(model)``: swap a NOVA model's hot paths for nova_fast's fused ops, in place.
+
+The model is found by the released module names (NOVA_SPEC.md section 5), not by class: every
+module that carries those names is patched with an instance attribute that computes the same math
+through an op, and ``restore(model)`` deletes those attributes again. Parameters, buffers and the
+state dict are never touched. What changes:
+
+| where (released names)                              | reference                       | accelerated |
+|-----------------------------------------------------|---------------------------------|-------------|
+| ``{video,image}_encoder.blocks.N``                  | ``x + LN(f(x))``, 3 passes each | ``residual_norm`` |
+| ``*.blocks.N.attn`` with the training mask          | SDPA over a dense N x N mask    | ``group_causal_attention`` on the frame ids |
+| ``*.blocks.N.attn`` unmasked / KV cache             | SDPA                            | dense path of ``group_causal_attention`` (flash-attn on a GPU where installed) |
+| ``video_encoder.mixer``                             | ``x0 * (1 + scale) + shift``    | ``modulate(normalize=False)`` on the projection's chunks |
+| ``image_decoder.blocks.N`` / ``image_decoder.norm`` | AdaLN-Zero, gated residual      | ``modulate``, ``residual_norm(gate=)`` |
+| per AR step, the K-step head loop                   | head on the whole canvas, K x   | ``denoise_tokens`` on the predicted tokens (CUDA graphs on a GPU) |
+| the spatial encoder's last block                    | every token                     | queries, MLP and final norm only at the tokens the head reads |
+
+The last two (and the mask) hook the model-level methods of ``nova_fast.reference.NOVAModel``
+(``denoise_step_tokens``, ``spatial_features``, ``temporal_attention_mask``) where the model has
+them; a model with only the released module layout gets the module-level patches.
+
+Backend: ``backend="auto"`` leaves each op's choice to ``nova_fast.backends`` (auto / set_backend /
+NOVA_FAST_BACKEND). An explicit backend runs every op that implements it on it, while the model
+runs (``group_causal_attention`` has no ``cuda`` kernel: with ``backend="cuda"`` it stays on auto,
+which is Triton on a GPU; ``accelerated_report(model)`` lists the mapping). A backend that cannot run
+on the model's device raises ``BackendUnavailable`` at once.
+
+Two paths keep the reference computation on purpose, and each records why in
+``nova_fast.backend_info()["last_used"]`` when it runs: a temporal training mask with a head
+dimension the attention kernels do not support (64 and 128 are), which becomes the dense mask,
+and guidance renorm over the whole canvas (``guidance_renorm < 1`` with
+``Guidance.renorm_scope == "canvas"``, the released behaviour), whose norms include the tokens not
+being predicted, which ``denoise_tokens`` never touches; that AR step runs the reference loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import types
+
+import torch
+import torch.nn.functional as F
+
+from nova_fast import backends
+from nova_fast.ops.denoise_tokens import denoise_tokens
+from nova_fast.ops.group_causal_attention import HEAD_DIMS, group_causal_attention
+from nova_fast.ops.modulate import modulate
+from nova_fast.ops.residual_norm import residual_norm
+from nova_fast.reference.layers import apply_rope, gather_tokens
+
+OPS = {"group_causal_attention": ("torch", "triton"), "modulate": ("torch", "triton", "cuda"),
+       "residual_norm": ("torch", "triton", "cuda"), "denoise_tokens": ("torch", "triton", "cuda")}
+STATE = "_nova_fast_acceleration"   # instance attribute holding what was patched (not a module, not saved)
+
+# The released layout, checked before anything is patched; "[]" marks a list of blocks.
+ENCODER_BLOCK = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+HEAD_BLOCK = ("norm1.proj", "proj.fc1", "proj.fc2", "norm2")
+LAYOUT = (
+    ("video_encoder.blocks[]", ENCODER_BLOCK), ("video_encoder.norm", ()),
+    ("image_encoder.blocks[]", ENCODER_BLOCK), ("image_encoder.norm", ()),
+    ("image_decoder.patch_embed.proj", ()), ("image_decoder.time_cond_embed.timestep_proj.fc1", ()),
+    ("image_decoder.time_cond_embed.condition_proj.fc1", ()), ("image_decoder.blocks[]", HEAD_BLOCK),
+    ("image_decoder.norm.proj", ()), ("image_decoder.head", ()), ("mask_embed", ()),
+)
+
+
+class LayoutMismatch(ValueError):
+    """The model does not have the released NOVA module layout; the message names the first miss."""
+
+
+class GroupMask:
+    """Stands in for the dense block-causal training mask: the per-token frame-group ids (N,) from
+    which the attention derives "query i sees key j iff group[j] <= group[i]" on the fly."""
+
+    def __init__(self, group_ids: torch.Tensor):
+        self.group_ids = group_ids
+
+    def dense(self) -> torch.Tensor:
+        g = self.group_ids
+        return g.unsqueeze(0) <= g.unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout discovery
+# ------------------------------------------------------------------------------------------------
+def _get(obj, path: str, root: str):
+    walked = root
+    for name in path.split("."):
+        walked += name
+        if getattr(obj, name, None) is None:
+            raise LayoutMismatch(f"accelerate: the model has no {walked!r}: not the released NOVA layout "
+                                 f"(expected the module names of NOVA_SPEC.md section 5)")
+        obj = getattr(obj, name)
+        walked += "."
+    return obj
+
+
+def check_layout(model: torch.nn.Module) -> None:
+    """Raise LayoutMismatch naming the first released attribute the model lacks."""
+    for path, children in LAYOUT:
+        if path.endswith("[]"):
+            blocks = _get(model, path[:-2], "")
+            if len(blocks) == 0:
+                raise LayoutMismatch(f"accelerate: {path[:-2]!r} is empty")
+            for i, block in enumerate(blocks):
+                for child in children:
+                    _get(block, child, f"{path[:-2]}.{i}.")
+                if children is ENCODER_BLOCK:
+                    _get(block, "attn.num_heads", f"{path[:-2]}.{i}.")
+        else:
+            _get(model, path, "")
+    mixer = getattr(model.video_encoder, "mixer", None)
+    if mixer is not None:
+        _get(mixer, "proj", "video_encoder.mixer.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend scope: the accelerated model's ops run on its backend while any patched method runs
+# ------------------------------------------------------------------------------------------------
+_depth = threading.local()
+
+
+def _scoped(fn):
+    """Run ``fn(self, ...)`` under the model's per-op backend choices (entered once per call tree)."""
+    def run(self, *args, **kwargs):
+        per_op = getattr(self, STATE + "_backends", None)
+        if not per_op or getattr(_depth, "n", 0):
+            return fn(self, *args, **kwargs)
+        _depth.n = 1
+        try:
+            with backends.use_backends(per_op):
+                return fn(self, *args, **kwargs)
+        finally:
+            _depth.n = 0
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoders
+# ------------------------------------------------------------------------------------------------
+def dense_attention(q, k, v):
+    """Unmasked attention: the dense path of group_causal_attention (flash-attn or SDPA); SDPA for
+    head dims the op does not take."""
+    if q.shape[-1] in HEAD_DIMS:
+        return group_causal_attention(q, k, v)
+    backends.record("group_causal_attention", "torch", f"accelerate: head dim {q.shape[-1]} not in {HEAD_DIMS}: SDPA")
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@_scoped
+def attend(self, q, k, v, attn_mask=None):
+    """Attention core: the frame-group rule without a mask, or dense attention."""
+    if attn_mask is None:
+        return dense_attention(q, k, v)
+    if isinstance(attn_mask, GroupMask):
+        if q.shape[-1] in HEAD_DIMS and q.shape[2] == k.shape[2] == attn_mask.group_ids.shape[0]:
+            return group_causal_attention(q, k, v, attn_mask.group_ids)
+        backends.record("group_causal_attention", "torch",
+                        f"accelerate: head dim {q.shape[-1]} not in {HEAD_DIMS}: dense mask + SDPA (reference)")
+        attn_mask = attn_mask.dense()
+    return type(self).attend(self, q, k, v, attn_mask)
+
+
+def _norm_args(norm):
+    return norm.weight, norm.bias, norm.eps
+
+
+@_scoped
+def encoder_block(self, x, attn_mask=None, kv_cache=None, rope=None, read_rows=None):
+    """x + LN1(Attn(x)); x + LN2(MLP(x)) with both residuals fused, on 2-D rows (B*N, D) so that
+    each Linear is one GEMM with no reshapes around it. ``read_rows`` (B, n): only those rows'
+    output (keys and values still from every row): the spatial encoder's last block."""
+    attn, mlp = self.attn, self.mlp
+    B, N, D = x.shape
+    w1, b1, e1 = _norm_args(self.norm1)
+    w2, b2, e2 = _norm_args(self.norm2)
+    rows = x.reshape(B * N, D)
+    if read_rows is None:
+        q, k, v = F.linear(rows, attn.qkv.weight, attn.qkv.bias).view(B, N, 3, attn.num_heads, -1).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if kv_cache is not None:  # earlier tokens' keys/values first, in time order
+            k, v = kv_cache.append(k, v)
+        base = rows
+    else:
+        if attn_mask is not None or kv_cache is not None:
+            raise ValueError("read_rows computes unmasked, uncached attention only")
+        q, k, v = queries_at_rows(attn, x, read_rows, rope)
+        base = gather_tokens(x, read_rows).reshape(-1, D)
+    o = attn.attend(q, k, v, attn_mask)  # (B, H, n, d)
+    h = residual_norm(base, F.linear(o.transpose(1, 2).reshape(base.shape), attn.proj.weight, attn.proj.bias),
+                      w1, b1, eps=e1)
+    y = F.linear(F.gelu(F.linear(h, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
+    inference = not (torch.is_grad_enabled() and h.requires_grad)
+    h = residual_norm(h, y, w2, b2, eps=e2, inplace=inference)  # h is this block's own tensor
+    return h.view(B, -1, D)
+
+
+def queries_at_rows(attn, x, rows, rope=None):
+    """q at ``rows`` (B, n) of x (B, N, D), k and v at every row, all (B, H, *, d): the qkv weights
+    sliced, so the queries of the other rows are never computed."""
+    B, N, D = x.shape
+    H, n = attn.num_heads, rows.shape[1]
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(gather_tokens(x, rows), weight[:D], None if bias is None else bias[:D])
+    k, v = F.linear(x, weight[D:], None if bias is None else bias[D:]).view(B, N, 2, H, -1).permute(
+        2, 0, 3, 1, 4).unbind(0)
+    q = q.view(B, n, H, -1).transpose(1, 2)
+    if rope is not None:
+        cos, sin = rope  # (B, 1, N, d/2)
+        index = rows[:, None, :, None].expand(B, 1, n, cos.shape[-1])
+        q = apply_rope(q, (cos.gather(2, index), sin.gather(2, index)))
+        k = apply_rope(k, rope)
+    return q, k, v
+
+
+@_scoped
+def spatial_encoder(self, tokens, prefix=None, known_ids=None, rope_pos=None, read_ids=None):
+    """The spatial encoder; with ``read_ids`` (B, n) its output at those tokens only (B, n, D),
+    the last block computing queries, MLP and final norm at those rows alone."""
+    if read_ids is None:
+        return type(self).forward(self, tokens, prefix, known_ids, rope_pos)
+    P = 0 if prefix is None else prefix.shape[1]
+    h, rope = self.prepare(tokens, prefix, known_ids, rope_pos)
+    blocks = self.blocks[self.encoder_depth:]
+    for blk in blocks[:-1]:
+        h = blk(h, rope=rope)
+    h = blocks[-1](h, rope=rope, read_rows=read_ids + P)
+    return self.norm(h)
+
+
+@_scoped
+def spatial_features(self, tokens, prefix, known_ids, rope_pos, read_ids):
+    return self.image_encoder(tokens, prefix, known_ids, rope_pos, read_ids=read_ids)
+
+
+@_scoped
+def temporal_attention_mask(self, group_ids):
+    return GroupMask(group_ids)
+
+
+@_scoped
+def video_mixer(self, x0, z):
+    """x0 * (1 + scale) + shift, (scale, shift) = proj(lora(SiLU(z))), read as chunks in place."""
+    h = F.silu(z)
+    if getattr(self, "lora", None) is not None:
+        h = self.lora(h)
+    stats = self.proj(h)
+    D = x0.shape[-1]
+    shape = torch.broadcast_shapes(x0.shape, stats.shape[:-1] + (D,))
+    rows = shape[-2]
+    x3 = x0.expand(shape).reshape(-1, rows, D)
+    out = modulate(x3, stats[..., :D].expand(shape).reshape(-1, rows, D),
+                   stats[..., D:].expand(shape).reshape(-1, rows, D), normalize=False)
+    return out.reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Diffusion head
+# ------------------------------------------------------------------------------------------------
+def unit_stride_rows(x):
+    """The fused ops read rows with unit stride; the head's patch embedding hands over a transposed
+    view (Conv2d output, (B, W, L) -> (B, L, W)) that is copied once here."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@_scoped
+def adaln_zero(self, x, cond):
+    """LN(x) * (1 + scale) + shift in one pass; the statistics are chunks of one projection."""
+    stats = self.proj(F.silu(cond)).chunk(self.num_stats, dim=-1)
+    return modulate(unit_stride_rows(x), stats[0], stats[1], eps=self.eps), stats[2:]
+
+
+@_scoped
+def head_block(self, x, cond):
+    x = unit_stride_rows(x)
+    h, (gate,) = self.norm1(x, cond)
+    w, b, eps = _norm_args(self.norm2)
+    return residual_norm(x, self.proj(h), w, b, gate=gate, eps=eps)
+
+
+@_scoped
+def head_forward(self, x, timestep=None, z=None, pred_ids=None, *, denoise=None):
+    """The head per call (fused adaLN through the patched blocks), or, with ``denoise`` (a dict of
+    denoise_tokens arguments), the whole K-step loop of one AR step as one call of this module,
+    so profiling hooks see it as the head stage."""
+    if denoise is None:
+        return type(self).forward(self, x, timestep, z, pred_ids)
+    return denoise_tokens(self, z, x, pred_ids=pred_ids, **denoise)
+
+
+@_scoped
+def denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator=None):
+    """NOVAModel.denoise_step_tokens through denoise_tokens: (B, L, P) canvas tokens, zero except at
+    the predicted positions (the caller keeps only those)."""
+    if guidance is not None and guidance.active and guidance.guidance_renorm < 1 and guidance.renorm_scope == "canvas":
+        backends.record("denoise_tokens", "torch", "accelerate: renorm over the whole canvas is not token-local: "
+                        "reference loop")
+        return type(self).denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator)
+    B = noise.shape[0]
+    tokens = self.image_decoder(noise, None, z, pred_ids, denoise=dict(
+        scheduler=scheduler, guidance=guidance, generator=generator,
+        cuda_graphs=getattr(self, STATE + "_cuda_graphs", True)))
+    L = (noise.shape[-2] // self.patch) * (noise.shape[-1] // self.patch)
+    canvas = tokens.new_zeros(B, L, tokens.shape[-1])
+    return canvas.scatter_(1, pred_ids[:B].unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
+
+
+@_scoped
+def generate_video(self, *args, **kwargs):
+    return type(self).generate_video(self, *args, **kwargs)
+
+
+@_scoped
+def training_losses(self, *args, **kwargs):
+    return type(self).training_losses(self, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# accelerate / restore
+# ------------------------------------------------------------------------------------------------
+def _backend_map(backend: str, device) -> dict:
+    if backend == "auto":
+        return {}
+    ok, why = backends.can_run(backend, device)
+    if not ok:
+        raise backends.BackendUnavailable(f"accelerate: backend {backend!r} cannot run on {device}: {why}")
+    return {op: (backend if backend in supported else "auto") for op, supported in OPS.items()}
+
+
+def _model_device(model) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def accelerate(model: torch.nn.Module, *, backend: str = "auto", cuda_graphs: bool = True) -> torch.nn.Module:
+    """Patch ``model`` (a NOVA model with the released module layout) in place and return it.
+
+    backend: "auto", "torch", "triton" or "cuda" (see the module docstring); cuda_graphs: replay the
+    per-AR-step denoising loop from CUDA graphs on a GPU. Calling it again re-applies it (e.g. with
+    another backend); ``restore(model)`` undoes it. Raises LayoutMismatch (naming the first missing
+    attribute), ValueError for an unknown backend, BackendUnavailable for one that cannot run here.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(backend, str) or backend not in backends.BACKENDS + ("auto",):
+        raise ValueError(f"unknown backend {backend!r}: expected one of auto, {', '.join(backends.BACKENDS)}")
+    check_layout(model)
+    per_op = _backend_map(backend, _model_device(model))
+    restore(model)
+
+    patched: list[tuple[object, str]] = []
+    skipped: dict[str, str] = {}
+
+    def patch(obj, name, fn):
+        setattr(obj, name, types.MethodType(fn, obj))
+        setattr(obj, STATE + "_backends", per_op)  # every patched object knows its backends
+        patched.append((obj, name))
+
+    for encoder in (model.video_encoder, model.image_encoder):
+        for blk in encoder.blocks:
+            patch(blk, "forward", encoder_block)
+            patch(blk.attn, "attend", attend)
+    patch(model.image_encoder, "forward", spatial_encoder)
+    mixer = getattr(model.video_encoder, "mixer", None)
+    if mixer is not None:
+        patch(mixer, "forward", video_mixer)
+    head = model.image_decoder
+    for blk in head.blocks:
+        patch(blk, "forward", head_block)
+        patch(blk.norm1, "forward", adaln_zero)
+    patch(head.norm, "forward", adaln_zero)
+    patch(head, "forward", head_forward)
+    for name, fn in (("temporal_attention_mask", temporal_attention_mask), ("spatial_features", spatial_features),
+                     ("denoise_step_tokens", denoise_step_tokens), ("generate_video", generate_video),
+                     ("training_losses", training_losses)):
+        if callable(getattr(type(model), name, None)):
+            patch(model, name, fn)
+        else:
+            skipped[name] = f"{type(model).__name__} has no {name}() (not a nova_fast.reference model)"
+    setattr(model, STATE, {"backend": backend, "per_op": dict(per_op), "cuda_graphs": bool(cuda_graphs),
+                           "patched": patched, "skipped": skipped})
+    setattr(model, STATE + "_cuda_graphs", bool(cuda_graphs))
+    return model
+
+
+def restore(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``accelerate``: every patched method is deleted, so the class's own (reference) runs again."""
+    state = model.__dict__.get(STATE)
+    if state is None:
+        return model
+    for obj, name in state["patched"]:
+        obj.__dict__.pop(name, None)
+        obj.__dict__.pop(STATE + "_backends", None)
+    for key in (STATE, STATE + "_cuda_graphs"):
+        model.__dict__.pop(key, None)
+    return model
+
+
+def is_accelerated(model: torch.nn.Module) -> bool:
+    return STATE in model.__dict__
+
+
+def accelerated_report(model: torch.nn.Module) -> dict:
+    """What ``accelerate`` did to this model: backend, per-op choices, patched methods, skipped hooks."""
+    state = model.__dict__.get(STATE)
+    if state is None:
+        return {"accelerated": False}
+    names = {id(m): n for n, m in model.named_modules()}
+    return {"accelerated": True, "backend": state["backend"], "per_op": state["per_op"] or "auto for every op",
+            "cuda_graphs": state["cuda_graphs"],
+            "patched": [f"{names.get(id(obj), '?') or '<model>'}.{name}" for obj, name in state["patched"]],
+            "skipped": state["skipped"]}
+
+
+@contextlib.contextmanager
+def accelerated(model: torch.nn.Module, **options):
+    """``with accelerated(model): ...``: accelerate for the block, restore after."""
+    accelerate(model, **options)
+    try:
+        yield model
+    finally:
+        restore(model)
