@@ -47,7 +47,8 @@ def median_time(fn: Callable[[], Any], *, min_runs: int = 5, max_runs: int = 50,
 
 
 def count_dispatched_ops(fn: Callable[[], Any]) -> int:
-    """Number of ATen ops ``fn()`` dispatches (each is a kernel launch or more on a GPU)."""
+    """Number of ATen ops ``fn()`` dispatches, view ops included (on a GPU those launch nothing;
+    every other op is a kernel launch or more)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Counter(TorchDispatchMode):

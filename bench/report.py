@@ -24,6 +24,8 @@ def _fmt_ratio(ratio) -> str:
 def _fmt_ops(entry: dict) -> str:
     if entry.get("ops_per_call") is not None:
         ops = str(entry["ops_per_call"])
+        if entry.get("ops_ratio") not in (None, 1.0):
+            ops += f" ({entry['ops_ratio']:.2f}x fewer)" if entry["ops_ratio"] > 1 else f" ({1 / entry['ops_ratio']:.2f}x more)"
     elif entry.get("compiled_graph_calls") is not None:
         ops = f"{entry['compiled_graph_calls']} graphs"   # compiled: graph calls, not ATen ops
     else:

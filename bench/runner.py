@@ -150,6 +150,8 @@ def run_case(case: BenchCase, *, budget_s: float, min_runs: int, count_ops: bool
     base = record["impls"].get(case.baseline)
     for label, entry in record["impls"].items():
         entry["speedup"] = (base["median_s"] / entry["median_s"]) if base and entry["median_s"] > 0 else None
+        base_ops, ops = (base or {}).get("ops_per_call"), entry.get("ops_per_call")
+        entry["ops_ratio"] = (base_ops / ops) if base_ops and ops else None  # how many times fewer ops
     if base is None:
         record["error"] = record["error"] or f"baseline {case.baseline!r} did not run: no ratios"
     record["wall_s"] = round(time.perf_counter() - t0, 3)

@@ -33,12 +33,13 @@ def test_runner_times_ratios_unavailable_and_writes_files(tmp_path):
     assert record["error"] is None
     assert record["impls"]["eager"]["speedup"] == 1.0 and _finite(record["impls"]["fused"]["speedup"])
     assert record["impls"]["eager"]["ops_per_call"] == 2 and record["impls"]["fused"]["ops_per_call"] == 1
+    assert record["impls"]["fused"]["ops_ratio"] == 2.0 and record["impls"]["eager"]["ops_ratio"] == 1.0
     assert record["unavailable"] == {"cuda": "no GPU here"}
     results = {"schema": 1, "created": "now", "device": "cpu", "environment": runner.environment(),
                "options": {"quick": True, "ops": None, "configs": None, "budget_s": 0.01, "min_runs": 1},
                "suites": {"toy": "ok"}, "cases": [record], "total_s": 0.1}
     text = report.console(results)
-    assert "unavailable: no GPU here" in text and "bytes_moved=49152" in text
+    assert "unavailable: no GPU here" in text and "bytes_moved=49152" in text and "1 (2.00x fewer)" in text
     paths = runner.write_results(results, tmp_path, stem="toy", latest=False)
     assert {p.name for p in tmp_path.iterdir()} == {"toy.json", "toy.md", "toy.png"}
     assert json.loads(paths["json"].read_text())["cases"][0]["impls"]["fused"]["ops_per_call"] == 1
