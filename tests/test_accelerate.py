@@ -312,3 +312,13 @@ def test_profiling_sees_the_accelerated_stages(tiny):
     assert calls["temporal"] == 2 and calls["spatial"] == steps
     assert calls["head"] == steps  # one call per AR step: the whole K-step loop
     assert all(v > 0 for v in prof.stage_seconds().values())
+
+
+def test_generation_under_inference_mode(tiny):
+    """The bench generates under torch.inference_mode: the accelerated path must run there too."""
+    model, text = tiny
+    fast = nova_fast.accelerate(copy.deepcopy(model))
+    want = _gen(model, text)
+    with torch.inference_mode():
+        got = _gen(fast, text)
+    assert_rel_close(got, want, 1e-4, "inference mode")

@@ -466,3 +466,37 @@ def test_fused_step_under_torch_compile():
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(out, x), step(out, x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- the scheduler table cache
+def test_scheduler_table_follows_the_scheduler_not_memory_addresses():
+    """Re-setting a scheduler to the same number of steps with another shift must give a new table
+    (a key on data pointers could see a freed tensor's address reused and serve the old one)."""
+    from nova_fast.reference import FlowMatchEulerScheduler
+
+    sched = FlowMatchEulerScheduler(shift=1.0)
+    tables = []
+    for shift in (1.0, 3.0, 1.0, 5.0):
+        sched.set_shift(shift)
+        sched.set_timesteps(6)
+        coef, head_t, _, _ = op.scheduler_table(sched, torch.device("cpu"))
+        want = (sched.sigmas[1:] - sched.sigmas[:-1]).float()
+        assert torch.equal(coef[:, 3], want) and torch.equal(head_t, torch.as_tensor(sched.timesteps).float())
+        tables.append(coef[:, 3].clone())
+    assert not torch.equal(tables[0], tables[1]) and torch.equal(tables[0], tables[2])
+
+
+def test_runs_under_inference_mode():
+    """Inference tensors have no version counter: the caches must not need one."""
+    head = head_for("tiny")
+    guidance = GUIDANCE["cfg"]()
+    scheduler = make_scheduler("ddpm", K=4)
+    z, canvas, ids, ids_g = make_inputs(head, 5, guidance)
+    with torch.no_grad():
+        want = op.denoise_tokens(head, z, canvas, scheduler, guidance, generator=torch.Generator().manual_seed(1),
+                                 pred_ids=ids_g)
+    with torch.inference_mode():
+        scheduler = make_scheduler("ddpm", K=4)  # its tensors are inference tensors now
+        got = op.denoise_tokens(head, z, canvas, scheduler, guidance, generator=torch.Generator().manual_seed(1),
+                                pred_ids=ids_g)
+    assert torch.equal(got, want)

@@ -185,8 +185,14 @@ class HeadWeights:
         self.version = _param_version(head)
 
 
+def _version(t: torch.Tensor):
+    """The in-place version counter; inference tensors have none (they are not edited in place
+    outside inference mode)."""
+    return None if t.is_inference() else t._version
+
+
 def _param_version(module) -> tuple:
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters())
+    return tuple((p.data_ptr(), _version(p), p.dtype) for p in module.parameters())
 
 
 _head_cache: "weakref.WeakKeyDictionary" = None
@@ -294,8 +300,9 @@ def scheduler_table(scheduler, device) -> tuple[torch.Tensor, torch.Tensor, list
     if timesteps is None or len(timesteps) == 0:
         raise ValueError(f"scheduler ({type(scheduler).__name__}) has no timesteps: call "
                          "scheduler.set_timesteps(K) before denoise_tokens")
-    state = (kind, device, _tensor_key(timesteps), _tensor_key(getattr(scheduler, "sigmas", None)),
-             _tensor_key(getattr(scheduler, "alphas_cumprod", None)), getattr(scheduler, "prediction_type", None),
+    # the cache entry keeps the keyed tensors alive, so their ids cannot be reused by new tensors
+    keyed = (timesteps, getattr(scheduler, "sigmas", None), getattr(scheduler, "alphas_cumprod", None))
+    state = (kind, device, *map(_tensor_key, keyed), getattr(scheduler, "prediction_type", None),
              getattr(scheduler, "variance_type", None))
     cached = getattr(scheduler, "_nova_fast_table", None)
     if cached is not None and cached[0] == state:
@@ -341,7 +348,7 @@ def scheduler_table(scheduler, device) -> tuple[torch.Tensor, torch.Tensor, list
     head_t = torch.as_tensor(timesteps).detach().float()
     table = (coef.to(device), head_t.to(device), draws, head_t.tolist())
     try:
-        scheduler._nova_fast_table = (state, table)
+        scheduler._nova_fast_table = (state, table, keyed)
     except AttributeError:  # a slotted scheduler: recompute per call
         pass
     return table
@@ -356,10 +363,13 @@ def fold_coefficients(coef: torch.Tensor) -> torch.Tensor:
 
 
 def _tensor_key(t):
+    """Identity of a scheduler tensor: the object (kept alive by the cache entry) and its version;
+    a plain sequence is keyed by its values."""
     if t is None:
         return None
-    t = torch.as_tensor(t)
-    return (tuple(t.shape), t.dtype, t.device, t.data_ptr(), t._version)
+    if not torch.is_tensor(t):
+        return tuple(float(v) for v in t)
+    return (id(t), tuple(t.shape), t.dtype, t.device, _version(t))
 
 
 def _scheduler_kind(scheduler) -> str:
