@@ -61,3 +61,33 @@ def count_dispatched_ops(fn: Callable[[], Any]) -> int:
     with _Counter():
         fn()
     return _Counter.count
+
+
+def bench_device():
+    """Where the suites run: the GPU when one is visible, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def with_backend(op: str, backend: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` as a zero-argument callable that runs with ``op`` pinned to ``backend``."""
+    def call():
+        import nova_fast
+
+        with nova_fast.use_backend(backend, op=op):
+            return fn()
+    return call
+
+
+def format_seconds(seconds) -> str:
+    """A duration for tables and logs: s, ms or us with 3-4 significant digits; '-' when unknown."""
+    import math
+
+    if seconds is None or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.1f} us"

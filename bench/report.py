@@ -1,20 +1,11 @@
 """Render ``nova-fast bench`` results: the console table, the Markdown report and the PNG chart."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+from nova_fast.bench.case import format_seconds
+
 STAGE_COLUMNS = ("temporal", "spatial", "head", "other", "total")
-
-
-def _fmt_s(seconds) -> str:
-    if seconds is None or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
-        return "-"
-    if seconds >= 1:
-        return f"{seconds:.3f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3f} ms"
-    return f"{seconds * 1e6:.1f} us"
 
 
 def _fmt_ratio(ratio) -> str:
@@ -58,7 +49,7 @@ def rows(results: dict) -> list[dict]:
             metrics = dict(case.get("metrics") or {}) if i == 0 else {}   # case metrics once per case
             metrics.update({k: v for k, v in (entry.get("metrics") or {}).items() if not isinstance(v, dict)})
             out.append({"case": case["id"], "impl": label + (" (baseline)" if label == case["baseline"] else ""),
-                        "median": _fmt_s(entry.get("median_s")), "ratio": _fmt_ratio(entry.get("speedup")),
+                        "median": format_seconds(entry.get("median_s")), "ratio": _fmt_ratio(entry.get("speedup")),
                         "ops": _fmt_ops(entry),
                         "metrics": _fmt_metrics(metrics)})
         for label, reason in case["unavailable"].items():
@@ -113,7 +104,7 @@ def stage_table(results: dict, markdown: bool = False) -> str:
         for col in STAGE_COLUMNS:
             value = split.get(col)
             share = "" if col == "total" or value is None else f" ({100 * value / total:.0f}%)"
-            cells.append(_fmt_s(value) + share)
+            cells.append(format_seconds(value) + share)
         body.append([case_id, label, *cells])
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * len(STAGE_COLUMNS)]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from nova_fast.bench.case import BenchCase, count_dispatched_ops, median_time
+from nova_fast.bench.case import BenchCase, count_dispatched_ops, format_seconds, median_time
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results"
@@ -78,16 +78,6 @@ def select_cases(suites: dict, *, quick: bool, configs: list[str] | None) -> lis
                 continue
             cases.append(case)
     return cases
-
-
-def _format_s(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    if seconds >= 1:
-        return f"{seconds:.3f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3f} ms"
-    return f"{seconds * 1e6:.1f} us"
 
 
 def _jsonable(value):
@@ -145,7 +135,7 @@ def run_case(case: BenchCase, *, budget_s: float, min_runs: int, count_ops: bool
         if count_ops:
             entry.update(count_call(fn))
         record["impls"][label] = entry
-        log(f"    {label:<22} {_format_s(entry['median_s']):>11}  ({entry['runs']} runs"
+        log(f"    {label:<22} {format_seconds(entry['median_s']):>11}  ({entry['runs']} runs"
             + (f", {entry['ops_per_call']} ops/call" if entry.get("ops_per_call") is not None else "") + ")")
     base = record["impls"].get(case.baseline)
     for label, entry in record["impls"].items():

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import nova_fast
-from bench.case import BenchCase, count_dispatched_ops
+from bench.case import BenchCase, bench_device, count_dispatched_ops, with_backend
 from nova_fast import backends
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
@@ -40,17 +40,13 @@ def oracle():
     return _ORACLE
 
 
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 _BUILT: dict = {}
 
 
 def _inputs(n, dtype):
     key = (n, dtype)
     if key not in _BUILT:
-        o, dev = oracle(), _device()
+        o, dev = oracle(), bench_device()
         head = o.head_for("d3w1280", dtype).to(dev)
         guidance, scheduler = o.Guidance(5.0), o.make_scheduler("ddpm")
         z, canvas, ids, ids_g = o.make_inputs(head, n, guidance, B=1, canvas_hw=(60, 96), dtype=dtype)
@@ -76,18 +72,12 @@ def _calls(n, dtype):
 def _setup(n, dtype):
     def setup():
         reference, ours = _calls(n, dtype)
-        dev = _device()
+        dev = bench_device()
         impls = {"reference": reference}
-
-        def with_backend(backend):
-            def call():
-                with nova_fast.use_backend(backend, op="denoise_tokens"):
-                    return ours()
-            return call
 
         for backend in ("torch", "triton", "cuda"):
             if backend == "torch" or (dev.type == "cuda" and backends.can_run(backend, dev)[0]):
-                impls[backend] = with_backend(backend)
+                impls[backend] = with_backend("denoise_tokens", backend, ours)
         impls["torch"]()  # first call: compiles the adaLN ops' CPU loops, builds the weight plan
         return impls
     return setup

@@ -27,15 +27,11 @@ import torch
 import torch.nn.functional as F
 
 import nova_fast
-from bench.case import BenchCase
+from bench.case import BenchCase, bench_device, with_backend
 from nova_fast import backends
 from nova_fast.ops.group_causal_attention import attention_work, frame_groups, random_set_groups
 
 EXTRA: dict[str, dict] = {}   # case name -> figures measured in setup (build/compile times, memory)
-
-
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def peak_extra_bytes(fn) -> int:
@@ -63,16 +59,9 @@ def peak_extra_bytes(fn) -> int:
     return peak
 
 
-def _backend_call(backend, fn):
-    def call():
-        with nova_fast.use_backend(backend, op="group_causal_attention"):
-            return fn()
-    return call
-
-
 def _setup(name, groups_fn, H, D, dtype, backward):
     def setup():
-        dev = _device()
+        dev = bench_device()
         groups = groups_fn().to(dev)
         N = groups.numel()
         gen = torch.Generator().manual_seed(0)
@@ -95,9 +84,9 @@ def _setup(name, groups_fn, H, D, dtype, backward):
 
         impls = {"sdpa_dense_mask": timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))}
         fused = timed(lambda: nova_fast.group_causal_attention(q, k, v, groups))
-        impls["torch"] = _backend_call("torch", fused)
+        impls["torch"] = with_backend("group_causal_attention", "torch", fused)
         if dev.type == "cuda" and backends.can_run("triton", dev)[0]:
-            impls["triton"] = _backend_call("triton", fused)
+            impls["triton"] = with_backend("group_causal_attention", "triton", fused)
         extra = EXTRA.setdefault(name, {"dense_mask_MiB": round(mask.numel() * mask.element_size() / 2**20, 1),
                                         "output_MiB": round(q.numel() * q.element_size() / 2**20, 1)})
         try:

@@ -20,26 +20,15 @@ import torch
 import torch.nn.functional as F
 
 import nova_fast
-from bench.case import BenchCase
+from bench.case import BenchCase, bench_device, with_backend
 from nova_fast import backends
 
 COMPILE_S: dict[str, float] = {}
 
 
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _backend_call(backend, fn):
-    def call():
-        with nova_fast.use_backend(backend, op="modulate"):
-            return fn()
-    return call
-
-
 def _setup(name, B, L, D, dtype, normalize, n_stats):
     def setup():
-        dev = _device()
+        dev = bench_device()
         x = torch.randn(B, L, D, device=dev, dtype=dtype)
         stats = torch.randn(B, L, n_stats * D, device=dev, dtype=dtype)
         scale, shift = stats.chunk(n_stats, -1)[:2]
@@ -54,7 +43,7 @@ def _setup(name, B, L, D, dtype, normalize, n_stats):
         impls = {"eager": eager}
         for backend in ("torch", "triton", "cuda"):
             if backend == "torch" or (dev.type == "cuda" and backends.can_run(backend, dev)[0]):
-                impls[backend] = _backend_call(backend, fused)
+                impls[backend] = with_backend("modulate", backend, fused)
         t0 = time.perf_counter()
         with torch.no_grad():
             impls["torch"]()  # first call: compiles (or loads the inductor cache) for this variant

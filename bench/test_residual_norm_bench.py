@@ -21,26 +21,15 @@ import torch
 import torch.nn.functional as F
 
 import nova_fast
-from bench.case import BenchCase
+from bench.case import BenchCase, bench_device, with_backend
 from nova_fast import backends
 
 COMPILE_S: dict[str, float] = {}
 
 
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _backend_call(backend, fn):
-    def call():
-        with nova_fast.use_backend(backend, op="residual_norm"):
-            return fn()
-    return call
-
-
 def _setup(name, B, L, D, dtype, gated):
     def setup():
-        dev = _device()
+        dev = bench_device()
         x = torch.randn(B, L, D, device=dev, dtype=dtype)
         y = torch.randn(B, L, D, device=dev, dtype=dtype)
         weight, bias = torch.randn(2, D, device=dev, dtype=dtype).unbind(0)
@@ -54,9 +43,10 @@ def _setup(name, B, L, D, dtype, gated):
         impls = {"eager": eager}
         for backend in ("torch", "triton", "cuda"):
             if backend == "torch" or (dev.type == "cuda" and backends.can_run(backend, dev)[0]):
-                impls[backend] = _backend_call(backend, lambda: nova_fast.residual_norm(x, y, weight, bias, gate=gate))
-        impls["torch_inplace"] = _backend_call(
-            "torch", lambda: nova_fast.residual_norm(target, y, weight, bias, gate=gate, inplace=True))
+                impls[backend] = with_backend("residual_norm", backend,
+                                              lambda: nova_fast.residual_norm(x, y, weight, bias, gate=gate))
+        impls["torch_inplace"] = with_backend(
+            "residual_norm", "torch", lambda: nova_fast.residual_norm(target, y, weight, bias, gate=gate, inplace=True))
         t0 = time.perf_counter()
         with torch.no_grad():
             impls["torch"]()  # first call: compiles (or loads the inductor cache) for this variant

@@ -33,6 +33,7 @@ into a zero (B, L, P) canvas (the caller masks every other position away).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -195,16 +196,11 @@ def _param_version(module) -> tuple:
     return tuple((p.data_ptr(), _version(p), p.dtype) for p in module.parameters())
 
 
-_head_cache: "weakref.WeakKeyDictionary" = None
+_head_cache: "weakref.WeakKeyDictionary[torch.nn.Module, HeadWeights]" = weakref.WeakKeyDictionary()
 
 
 def head_weights(head) -> HeadWeights:
     """The cached loop form of ``head``, rebuilt when a parameter changed (load, cast, in-place edit)."""
-    global _head_cache
-    import weakref
-
-    if _head_cache is None:
-        _head_cache = weakref.WeakKeyDictionary()
     w = _head_cache.get(head)
     if w is None or w.version != _param_version(head):
         w = _head_cache[head] = HeadWeights(head)
