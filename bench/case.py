@@ -80,6 +80,15 @@ def with_backend(op: str, backend: str, fn: Callable[[], Any]) -> Callable[[], A
     return call
 
 
+def backend_impls(op: str, fn: Callable[[], Any], device, candidates=("torch", "triton", "cuda")) -> dict:
+    """{backend: fn pinned to it} for the op's backends that time meaningfully on ``device``: torch
+    always, the kernel backends only on a GPU (the Triton interpreter is a correctness tool)."""
+    from nova_fast import backends
+
+    return {b: with_backend(op, b, fn) for b in candidates
+            if b == "torch" or (device.type == "cuda" and backends.can_run(b, device)[0])}
+
+
 def format_seconds(seconds) -> str:
     """A duration for tables and logs: s, ms or us with 3-4 significant digits; '-' when unknown."""
     import math

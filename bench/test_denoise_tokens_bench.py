@@ -22,8 +22,7 @@ import pytest
 import torch
 
 import nova_fast
-from bench.case import BenchCase, bench_device, count_dispatched_ops, with_backend
-from nova_fast import backends
+from bench.case import BenchCase, backend_impls, bench_device, count_dispatched_ops
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 _ORACLE = None
@@ -75,9 +74,7 @@ def _setup(n, dtype):
         dev = bench_device()
         impls = {"reference": reference}
 
-        for backend in ("torch", "triton", "cuda"):
-            if backend == "torch" or (dev.type == "cuda" and backends.can_run(backend, dev)[0]):
-                impls[backend] = with_backend("denoise_tokens", backend, ours)
+        impls.update(backend_impls("denoise_tokens", ours, dev))
         impls["torch"]()  # first call: compiles the adaLN ops' CPU loops, builds the weight plan
         return impls
     return setup

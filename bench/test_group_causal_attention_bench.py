@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import nova_fast
-from bench.case import BenchCase, bench_device, with_backend
-from nova_fast import backends
+from bench.case import BenchCase, backend_impls, bench_device
 from nova_fast.ops.group_causal_attention import attention_work, frame_groups, random_set_groups
 
 EXTRA: dict[str, dict] = {}   # case name -> figures measured in setup (build/compile times, memory)
@@ -84,9 +83,7 @@ def _setup(name, groups_fn, H, D, dtype, backward):
 
         impls = {"sdpa_dense_mask": timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))}
         fused = timed(lambda: nova_fast.group_causal_attention(q, k, v, groups))
-        impls["torch"] = with_backend("group_causal_attention", "torch", fused)
-        if dev.type == "cuda" and backends.can_run("triton", dev)[0]:
-            impls["triton"] = with_backend("group_causal_attention", "triton", fused)
+        impls.update(backend_impls("group_causal_attention", fused, dev, candidates=("torch", "triton")))
         extra = EXTRA.setdefault(name, {"dense_mask_MiB": round(mask.numel() * mask.element_size() / 2**20, 1),
                                         "output_MiB": round(q.numel() * q.element_size() / 2**20, 1)})
         try:

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import nova_fast
-from bench.case import BenchCase, bench_device, with_backend
-from nova_fast import backends
+from bench.case import BenchCase, backend_impls, bench_device
 
 COMPILE_S: dict[str, float] = {}
 
@@ -40,10 +39,7 @@ def _setup(name, B, L, D, dtype, normalize, n_stats):
         def fused():
             return nova_fast.modulate(x, scale, shift, normalize=normalize)
 
-        impls = {"eager": eager}
-        for backend in ("torch", "triton", "cuda"):
-            if backend == "torch" or (dev.type == "cuda" and backends.can_run(backend, dev)[0]):
-                impls[backend] = with_backend("modulate", backend, fused)
+        impls = {"eager": eager, **backend_impls("modulate", fused, dev)}
         t0 = time.perf_counter()
         with torch.no_grad():
             impls["torch"]()  # first call: compiles (or loads the inductor cache) for this variant

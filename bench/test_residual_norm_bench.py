@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import nova_fast
-from bench.case import BenchCase, bench_device, with_backend
-from nova_fast import backends
+from bench.case import BenchCase, backend_impls, bench_device, with_backend
 
 COMPILE_S: dict[str, float] = {}
 
@@ -41,10 +40,7 @@ def _setup(name, B, L, D, dtype, gated):
             return x + (branch if gate is None else gate * branch)
 
         impls = {"eager": eager}
-        for backend in ("torch", "triton", "cuda"):
-            if backend == "torch" or (dev.type == "cuda" and backends.can_run(backend, dev)[0]):
-                impls[backend] = with_backend("residual_norm", backend,
-                                              lambda: nova_fast.residual_norm(x, y, weight, bias, gate=gate))
+        impls.update(backend_impls("residual_norm", lambda: nova_fast.residual_norm(x, y, weight, bias, gate=gate), dev))
         impls["torch_inplace"] = with_backend(
             "residual_norm", "torch", lambda: nova_fast.residual_norm(target, y, weight, bias, gate=gate, inplace=True))
         t0 = time.perf_counter()
