@@ -89,6 +89,17 @@ def backend_impls(op: str, fn: Callable[[], Any], device, candidates=("torch", "
             if b == "torch" or (device.type == "cuda" and backends.can_run(b, device)[0])}
 
 
+def first_call_seconds(fn: Callable[[], Any]) -> float:
+    """Seconds of ``fn``'s first call without autograd (compiles, or loads the inductor cache),
+    reported apart from the timed calls."""
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        fn()
+    return time.perf_counter() - t0
+
+
 def format_seconds(seconds) -> str:
     """A duration for tables and logs: s, ms or us with 3-4 significant digits; '-' when unknown."""
     import math

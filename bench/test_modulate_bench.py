@@ -13,14 +13,13 @@ Run: ``pytest bench/test_modulate_bench.py --benchmark-only``.
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nova_fast
-from bench.case import BenchCase, backend_impls, bench_device
+from bench.case import BenchCase, backend_impls, bench_device, first_call_seconds
 
 COMPILE_S: dict[str, float] = {}
 
@@ -40,10 +39,7 @@ def _setup(name, B, L, D, dtype, normalize, n_stats):
             return nova_fast.modulate(x, scale, shift, normalize=normalize)
 
         impls = {"eager": eager, **backend_impls("modulate", fused, dev)}
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            impls["torch"]()  # first call: compiles (or loads the inductor cache) for this variant
-        COMPILE_S[name] = time.perf_counter() - t0
+        COMPILE_S[name] = first_call_seconds(impls["torch"])
         return impls
     return setup
 

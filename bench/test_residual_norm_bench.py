@@ -14,14 +14,13 @@ Run: ``pytest bench/test_residual_norm_bench.py --benchmark-only``.
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nova_fast
-from bench.case import BenchCase, backend_impls, bench_device, with_backend
+from bench.case import BenchCase, backend_impls, bench_device, first_call_seconds, with_backend
 
 COMPILE_S: dict[str, float] = {}
 
@@ -43,10 +42,7 @@ def _setup(name, B, L, D, dtype, gated):
         impls.update(backend_impls("residual_norm", lambda: nova_fast.residual_norm(x, y, weight, bias, gate=gate), dev))
         impls["torch_inplace"] = with_backend(
             "residual_norm", "torch", lambda: nova_fast.residual_norm(target, y, weight, bias, gate=gate, inplace=True))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            impls["torch"]()  # first call: compiles (or loads the inductor cache) for this variant
-        COMPILE_S[name] = time.perf_counter() - t0
+        COMPILE_S[name] = first_call_seconds(impls["torch"])
         return impls
     return setup
 
