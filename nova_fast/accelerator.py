@@ -35,6 +35,7 @@ being predicted, which ``denoise_tokens`` never touches; that AR step runs the r
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import types
 
@@ -122,6 +123,7 @@ _depth = threading.local()
 
 def _scoped(fn):
     """Run ``fn(self, ...)`` under the model's per-op backend choices (entered once per call tree)."""
+    @functools.wraps(fn)
     def run(self, *args, **kwargs):
         per_op = getattr(self, STATE + "_backends", None)
         if not per_op or getattr(_depth, "n", 0):
@@ -132,8 +134,6 @@ def _scoped(fn):
                 return fn(self, *args, **kwargs)
         finally:
             _depth.n = 0
-    run.__name__ = fn.__name__
-    run.__doc__ = fn.__doc__
     return run
 
 
@@ -303,7 +303,7 @@ def denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator
     B = noise.shape[0]
     tokens = self.image_decoder(noise, None, z, pred_ids, denoise=dict(
         scheduler=scheduler, guidance=guidance, generator=generator,
-        cuda_graphs=getattr(self, STATE + "_cuda_graphs", True)))
+        cuda_graphs=self.__dict__[STATE]["cuda_graphs"]))
     L = (noise.shape[-2] // self.patch) * (noise.shape[-1] // self.patch)
     canvas = tokens.new_zeros(B, L, tokens.shape[-1])
     return canvas.scatter_(1, pred_ids[:B].unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
@@ -383,7 +383,6 @@ def accelerate(model: torch.nn.Module, *, backend: str = "auto", cuda_graphs: bo
             skipped[name] = f"{type(model).__name__} has no {name}() (not a nova_fast.reference model)"
     setattr(model, STATE, {"backend": backend, "per_op": dict(per_op), "cuda_graphs": bool(cuda_graphs),
                            "patched": patched, "skipped": skipped})
-    setattr(model, STATE + "_cuda_graphs", bool(cuda_graphs))
     return model
 
 
@@ -395,8 +394,7 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     for obj, name in state["patched"]:
         obj.__dict__.pop(name, None)
         obj.__dict__.pop(STATE + "_backends", None)
-    for key in (STATE, STATE + "_cuda_graphs"):
-        model.__dict__.pop(key, None)
+    model.__dict__.pop(STATE, None)
     return model
 
 
