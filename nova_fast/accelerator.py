@@ -155,10 +155,12 @@ def attend(self, q, k, v, attn_mask=None):
     if attn_mask is None:
         return dense_attention(q, k, v)
     if isinstance(attn_mask, GroupMask):
-        if q.shape[-1] in HEAD_DIMS and q.shape[2] == k.shape[2] == attn_mask.group_ids.shape[0]:
+        n = attn_mask.group_ids.shape[0]
+        if q.shape[-1] in HEAD_DIMS and q.shape[2] == k.shape[2] == n:
             return group_causal_attention(q, k, v, attn_mask.group_ids)
-        backends.record("group_causal_attention", "torch",
-                        f"accelerate: head dim {q.shape[-1]} not in {HEAD_DIMS}: dense mask + SDPA (reference)")
+        why = (f"head dim {q.shape[-1]} not in {HEAD_DIMS}" if q.shape[-1] not in HEAD_DIMS
+               else f"{q.shape[2]} queries / {k.shape[2]} keys for {n} group ids")
+        backends.record("group_causal_attention", "torch", f"accelerate: {why}: dense mask + SDPA (reference)")
         attn_mask = attn_mask.dense()
     return type(self).attend(self, q, k, v, attn_mask)
 

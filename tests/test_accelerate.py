@@ -322,3 +322,20 @@ def test_generation_under_inference_mode(tiny):
     with torch.inference_mode():
         got = _gen(fast, text)
     assert_rel_close(got, want, 1e-4, "inference mode")
+
+
+def test_training_with_unsupported_head_dim_uses_the_dense_mask_and_says_so(monkeypatch):
+    """Head dim 32 (width 64, 2 heads): the group kernels take 64 and 128 only, so the training mask
+    is materialized for SDPA; results still match and the backend record says why."""
+    records = []
+    real_record = backends.record
+    monkeypatch.setattr(backends, "record", lambda op, b, why: (records.append(why), real_record(op, b, why)))
+    cfg = NOVAConfig.preset("tiny").replace(arch=("vit_d1w64", "vit_d2w64", "mlp_d1w64"), video_num_heads=2)
+    model = _model(cfg).train()
+    fast = nova_fast.accelerate(copy.deepcopy(model))
+    latents = torch.randn(1, 4, 2, 8, 12, generator=torch.Generator().manual_seed(0))
+    text = random_text_states(cfg, 1, torch.Generator().manual_seed(1))
+    want = model.training_losses(latents, text, generator=torch.Generator().manual_seed(2))["loss"]
+    got = fast.training_losses(latents, text, generator=torch.Generator().manual_seed(2))["loss"]
+    assert_rel_close(got.detach(), want.detach(), 1e-4, "head dim 32")
+    assert any("head dim 32 not in (64, 128): dense mask" in why for why in records), records
