@@ -34,7 +34,6 @@ being predicted, which ``denoise_tokens`` never touches; that AR step runs the r
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import types
@@ -44,13 +43,14 @@ import torch.nn.functional as F
 
 from nova_fast import backends
 from nova_fast.ops.denoise_tokens import denoise_tokens
-from nova_fast.ops.group_causal_attention import HEAD_DIMS, group_causal_attention
+from nova_fast.ops.group_causal_attention import HEAD_DIMS, SUPPORTED as ATTENTION_BACKENDS, group_causal_attention
 from nova_fast.ops.modulate import modulate
 from nova_fast.ops.residual_norm import residual_norm
 from nova_fast.reference.layers import apply_rope, gather_tokens
 
-OPS = {"group_causal_attention": ("torch", "triton"), "modulate": ("torch", "triton", "cuda"),
-       "residual_norm": ("torch", "triton", "cuda"), "denoise_tokens": ("torch", "triton", "cuda")}
+# the backends each op the accelerator calls implements (the other three implement all of them)
+OPS = {"group_causal_attention": ATTENTION_BACKENDS, "modulate": backends.BACKENDS,
+       "residual_norm": backends.BACKENDS, "denoise_tokens": backends.BACKENDS}
 STATE = "_nova_fast_acceleration"   # instance attribute holding what was patched (not a module, not saved)
 
 # The released layout, checked before anything is patched; "[]" marks a list of blocks.
@@ -348,8 +348,7 @@ def accelerate(model: torch.nn.Module, *, backend: str = "auto", cuda_graphs: bo
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(backend, str) or backend not in backends.BACKENDS + ("auto",):
-        raise ValueError(f"unknown backend {backend!r}: expected one of auto, {', '.join(backends.BACKENDS)}")
+    backends._check_name(backend)
     check_layout(model)
     per_op = _backend_map(backend, _model_device(model))
     restore(model)
@@ -415,12 +414,3 @@ def accelerated_report(model: torch.nn.Module) -> dict:
             "patched": [f"{names.get(id(obj), '?') or '<model>'}.{name}" for obj, name in state["patched"]],
             "skipped": state["skipped"]}
 
-
-@contextlib.contextmanager
-def accelerated(model: torch.nn.Module, **options):
-    """``with accelerated(model): ...``: accelerate for the block, restore after."""
-    accelerate(model, **options)
-    try:
-        yield model
-    finally:
-        restore(model)
