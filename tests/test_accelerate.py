@@ -84,10 +84,10 @@ def test_rotary_and_flow_image_models_match_reference():
     assert_rel_close(_gen(nova_fast.accelerate(copy.deepcopy(rope)), text), _gen(rope, text), 1e-4, "rope")
     image = _model(NOVAConfig.preset("tiny").replace(video_base_size=(1, 2, 3), video_mixer_rank=None,
                                                      scheduler=dict(FLOW_IMAGE_SCHEDULER, shift=3.0)))
-    kw = dict(num_ar_steps=4, num_diffusion_steps=3, generator=None)
-    want = image.generate_image(text, **{**kw, "generator": torch.Generator().manual_seed(0)})
-    got = nova_fast.accelerate(copy.deepcopy(image)).generate_image(text, **{**kw, "generator":
-                                                                             torch.Generator().manual_seed(0)})
+    kw = dict(num_ar_steps=4, num_diffusion_steps=3)
+    want = image.generate_image(text, generator=torch.Generator().manual_seed(0), **kw)
+    got = nova_fast.accelerate(copy.deepcopy(image)).generate_image(text, generator=torch.Generator().manual_seed(0),
+                                                                    **kw)
     assert_rel_close(got, want, 1e-4, "flow image model")
 
 
