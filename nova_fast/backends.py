@@ -185,9 +185,34 @@ def record(op: str, backend: str, reason: str) -> None:
         _last_used[op] = (backend, reason)
 
 
+_last_path: dict[str, str] = {}
+
+
+def record_path(op: str, path: str) -> None:
+    """Which implementation inside a backend ran ``op`` last (e.g. the torch backend's CPU kernel or
+    its ATen composition), with why; reported by :func:`backend_info` beside the backend."""
+    _last_path[op] = path
+
+
 def last_used() -> dict[str, tuple[str, str]]:
     with _lock:
         return dict(_last_used)
+
+
+def _last_used_report() -> dict:
+    """{op: {backend, why[, path]}}; an op run with an explicit backend argument (no resolution
+    recorded) still reports its path."""
+    used, paths = last_used(), dict(_last_path)
+    report = {op: {"backend": b, "why": why} for op, (b, why) in used.items()}
+    for op, path in paths.items():
+        report.setdefault(op, {"backend": None, "why": "backend passed by the caller"})["path"] = path
+    return report
+
+
+def _cpu_kernel_status() -> str:
+    from nova_fast import cpu_kernels
+
+    return cpu_kernels.status()[1]
 
 
 def backend_info() -> dict:
@@ -208,7 +233,8 @@ def backend_info() -> dict:
         "extension": extension_status()[1],
         "requested": {"global": _global_choice, "per_op": dict(_op_choice),
                       "env": os.environ.get("NOVA_FAST_BACKEND")},
-        "last_used": {op: {"backend": b, "why": why} for op, (b, why) in last_used().items()},
+        "cpu_kernels": _cpu_kernel_status(),
+        "last_used": _last_used_report(),
     }
     for name in ("triton", "flash_attn"):
         if importlib.util.find_spec(name) is not None:

@@ -61,3 +61,33 @@ def assert_close(actual, expected, dtype, what=""):
     tol = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}[dtype]
     assert torch.isfinite(actual).all(), f"{what}: non-finite output (an element left unwritten?)"
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol[0], atol=tol[1], msg=lambda m: f"{what}: {m}")
+
+
+def fresh_output_poisoned(like: torch.Tensor) -> None:
+    """Best-effort poison for an output a kernel allocates itself: a NaN tensor of the same size is
+    freed just before the call, so the allocator tends to hand its memory to the kernel's output
+    (glibc reuses the freed block); an element the kernel forgets to write then reads NaN."""
+    poison = torch.full_like(like, float("nan"), memory_format=torch.contiguous_format)
+    del poison
+
+
+@pytest.fixture
+def cpu_kernels_built():
+    """The torch backend's CPU kernels (csrc/cpu), built on first use; fails, not skips, if they cannot
+    be built: g++, ninja and torch's headers are all part of the dev set-up."""
+    from nova_fast import cpu_kernels
+
+    if not cpu_kernels.enabled():
+        pytest.skip("NOVA_FAST_CPU_KERNELS=0 in the environment")
+    assert cpu_kernels.load(), cpu_kernels.status()[1]
+    return cpu_kernels
+
+
+@pytest.fixture
+def cpu_kernel_failure(monkeypatch):
+    """The CPU kernels as if their build had failed (the reason reported), restored afterwards."""
+    from nova_fast import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)
+    monkeypatch.setattr(cpu_kernels, "_error", "CPU kernels could not be built: simulated failure")
+    return cpu_kernels

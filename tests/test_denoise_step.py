@@ -183,3 +183,37 @@ def test_cuda_step_nvcc_no_spills():
         print(f"{r.arch} {r.name[:70]:70} regs={r.registers} smem={r.shared_bytes}")
     assert {r.arch for r in reports} == {"sm_80", "sm_90"}
     assert len(reports) == 2 * 3 * 4 * 2  # archs x dtypes x guidance modes x (warp | block per group)
+
+
+# ---- torch backend on CPU tensors: the hand-written kernel (csrc/cpu/denoise_step.cpp) ----
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cpu_kernel_step_matches_oracle(cpu_kernels_built, case, dtype):
+    from nova_fast import backend_info
+
+    guide, renorm, with_noise, groups, group_len, kind, stride = _unpack(case)
+    out, x, noise, coef, scales = make_case(guide, groups, stride, dtype, "cpu", kind)
+    noise = noise if with_noise else None
+    want = _expected_padded(out, x, noise, coef[2], guide, renorm, group_len, stride)
+    target = x.clone()
+    target.reshape(-1, stride)[:, group_len:] = float("nan")  # padding: left alone, never read
+    result = op.guided_step(out, target, noise, coef, scales, 2, guide=guide, renorm=renorm, group_len=group_len,
+                            group_stride=stride, new_x=target, backend="torch")
+    assert result is target  # in place, as the loop runs it
+    assert backend_info()["last_used"]["denoise_tokens"]["path"].startswith("CPU kernel")
+    assert_close(_valid(target, group_len, stride), want, dtype, f"cpu kernel {case} {dtype}")
+    if stride != group_len:
+        assert target.reshape(-1, stride)[:, group_len:].isnan().all()
+    fresh = op.guided_step(out, x, noise, coef, scales, 2, guide=guide, renorm=renorm, group_len=group_len,
+                           group_stride=stride, backend="torch")
+    assert fresh is not x and torch.equal(_valid(fresh, group_len, stride), _valid(target, group_len, stride))
+
+
+def test_cpu_kernel_step_rejects_bad_layout(cpu_kernels_built):
+    out, x, noise, coef, scales = make_case(op.GUIDE_CFG, 4, 64, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="guide must be 0..3"):
+        torch.ops.nova_fast_cpu.guided_step_(out, x, noise, coef, scales, 0, 7, False, 64, 64)
+    with pytest.raises(RuntimeError, match="out must hold 2 passes"):
+        torch.ops.nova_fast_cpu.guided_step_(out[:64], x, noise, coef, scales, 0, op.GUIDE_CFG, False, 64, 64)
+    with pytest.raises(RuntimeError, match="0 <= step < K"):
+        torch.ops.nova_fast_cpu.guided_step_(out, x, noise, coef, scales, 4, op.GUIDE_CFG, False, 64, 64)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import nova_fast
-from conftest import HAS_GPU, assert_close, poison_like
+from conftest import HAS_GPU, assert_close, fresh_output_poisoned, poison_like
 from nova_fast.testing import cuda_host, triton_aot
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -236,3 +236,53 @@ def test_nvcc_builds_adaln_without_spills():
     print("\n" + "\n".join(f"{r.arch} {r.registers:4d} regs  {r.name}" for r in reports))
     assert {r.arch for r in reports} == {"sm_80", "sm_90"}
     assert len(reports) >= 2 * 15  # 4 kernels x 3 dtypes x 2 load widths, + 3 partial sums
+
+
+# ---- torch backend on CPU tensors: the hand-written kernel (csrc/cpu/adaln.cpp) ----
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("B,L,D", [(2, 7, 1000), (1, 5, 1280), (3, 2, 1536), (1, 33, 40)])
+def test_cpu_kernel_matches_eager(cpu_kernels_built, dtype, per_token, normalize, B, L, D):
+    x, scale, shift = make_inputs(B, L, D, dtype, "cpu", per_token)  # scale/shift: strided chunks
+    want = eager_modulate(x.float(), scale.float(), shift.float(), normalize)
+    fresh_output_poisoned(x)
+    with nova_fast.use_backend("torch"), torch.no_grad():
+        out = nova_fast.modulate(x, scale, shift, normalize=normalize)
+    path = nova_fast.backend_info()["last_used"]["modulate"]["path"]
+    assert path.startswith("CPU kernel"), path
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+    assert_close(out, want, dtype, f"cpu kernel {dtype} {B}x{L}x{D}")
+
+
+def test_cpu_kernel_two_dim_rows_without_reshapes(cpu_kernels_built):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(11, 1000)
+    for rows in (1, 11):
+        scale, shift = torch.randn(2, rows, 1000).unbind(0)
+        with torch.no_grad(), Ops():
+            out = nova_fast.modulate(x, scale, shift)
+        assert out.shape == (11, 1000)
+        assert_close(out, eager_modulate(x, scale, shift), torch.float32, f"2-D, {rows} stats rows")
+    assert Ops.seen == ["nova_fast_cpu.modulate.default"] * 2  # one op per call, no views around it
+
+
+def test_cpu_kernels_off_or_failed_run_aten_and_say_why(cpu_kernel_failure, monkeypatch):
+    x, scale, shift = make_inputs(2, 5, 1000, torch.float32, "cpu", True)
+    want = eager_modulate(x, scale, shift)
+    with torch.no_grad():
+        assert_close(nova_fast.modulate(x, scale, shift), want, torch.float32, "build failed")
+        info = nova_fast.backend_info()
+        assert "simulated failure" in info["last_used"]["modulate"]["path"]
+        assert "simulated failure" in info["cpu_kernels"]
+        monkeypatch.setenv("NOVA_FAST_CPU_KERNELS", "0")
+        assert_close(nova_fast.modulate(x, scale, shift), want, torch.float32, "kernels off")
+        assert "NOVA_FAST_CPU_KERNELS=0" in nova_fast.backend_info()["last_used"]["modulate"]["path"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import nova_fast
-from conftest import assert_close, poison_like
+from conftest import assert_close, fresh_output_poisoned, poison_like
 from nova_fast.testing import cuda_host
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -188,3 +188,33 @@ def test_torch_compile_traces_custom_ops():
     with torch.no_grad():
         torch.compile(step, backend="aot_eager", fullgraph=True)(target, y)
     assert_close(target, eager_residual_norm(x, y, weight, bias), torch.float32, "compiled in place")
+
+
+# ---- torch backend on CPU tensors: the hand-written kernel (csrc/cpu/adaln.cpp) ----
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", [None, "token", "sample"])
+@pytest.mark.parametrize("B,L,D", [(2, 7, 1000), (1, 5, 1280), (3, 2, 1536), (1, 33, 40)])
+def test_cpu_kernel_matches_eager(cpu_kernels_built, dtype, gate, B, L, D):
+    x, y, weight, bias, g = make_inputs(B, L, D, dtype, "cpu", gate)  # gate: a strided chunk
+    want = eager_residual_norm(*(None if t is None else t.float() for t in (x, y, weight, bias, g)))
+    fresh_output_poisoned(x)
+    with nova_fast.use_backend("torch"), torch.no_grad():
+        out = nova_fast.residual_norm(x, y, weight, bias, gate=g)
+        assert nova_fast.backend_info()["last_used"]["residual_norm"]["path"].startswith("CPU kernel")
+        assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+        assert_close(out, want, dtype, f"cpu kernel {dtype} gate={gate}")
+        target = x.clone()
+        assert nova_fast.residual_norm(target, y, weight, bias, gate=g, inplace=True) is target
+        assert_close(target, want, dtype, "cpu kernel in place")
+        rows = nova_fast.residual_norm(x.reshape(-1, D), y.reshape(-1, D), weight, bias,
+                                       gate=None if g is None or B > 1 else g[0])
+        if g is None or B == 1:
+            assert_close(rows, want.reshape(-1, D), dtype, "cpu kernel 2-D rows")
+
+
+def test_cpu_kernel_failure_runs_aten_and_says_why(cpu_kernel_failure):
+    x, y, weight, bias, g = make_inputs(2, 5, 1000, torch.float32, "cpu", "token")
+    with torch.no_grad():
+        out = nova_fast.residual_norm(x, y, weight, bias, gate=g)
+    assert_close(out, eager_residual_norm(x, y, weight, bias, g), torch.float32, "ATen path")
+    assert "simulated failure" in nova_fast.backend_info()["last_used"]["residual_norm"]["path"]

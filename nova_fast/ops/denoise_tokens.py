@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from nova_fast import backends
+from nova_fast import backends, cpu_kernels
 from nova_fast.ops._checks import check_tensor
 
 OP = "denoise_tokens"
@@ -107,6 +107,12 @@ def _linear_step_fp32(out, x, noise, c, scales, passes: int):
     return new_x if noise is None else new_x.addcmul_(noise.reshape(x.shape), c[5])
 
 
+def steps_in_place(backend: str, x) -> bool:
+    """Whether the loop's step kernel updates the sample in place: the kernel backends, and the
+    torch backend's CPU kernel (the ATen composition returns a new tensor)."""
+    return backend != "torch" or cpu_kernels.available_for(x)
+
+
 def guided_step(out, x, noise, coef, scales, step: int, *, guide: int, renorm: bool, group_len: int,
                 group_stride: int | None = None, new_x=None, backend: str | None = None):
     """One fused guidance + scheduler step on the chosen backend (None: resolve for this call).
@@ -119,7 +125,15 @@ def guided_step(out, x, noise, coef, scales, step: int, *, guide: int, renorm: b
         return result if new_x is None else new_x.copy_(result)
     if backend is None:
         backend = backends.resolve(OP, x.device)
+    if backend == "torch" and cpu_kernels.available_for(out, x) and out.is_contiguous() and x.is_contiguous():
+        # CPU tensors: guidance and scheduler step in one pass (csrc/cpu/denoise_step.cpp), in place
+        backends.record_path(OP, "CPU kernel (csrc/cpu): fused step on CPU tensors")
+        target = x.clone() if new_x is None else (new_x if new_x is x else new_x.copy_(x))
+        return torch.ops.nova_fast_cpu.guided_step_(out, target, noise, coef, scales, int(step), int(guide),
+                                                   bool(renorm), int(group_len),
+                                                   int(group_len if group_stride is None else group_stride))
     if backend == "torch":
+        backends.record_path(OP, f"ATen composition ({cpu_kernels.status()[1]})")
         result = guided_step_torch(out, x, noise, coef, scales, step, guide=guide, renorm=renorm,
                                    group_len=group_len, group_stride=group_stride)
         if new_x is None:
@@ -244,9 +258,10 @@ def head_forward_rows(w: HeadWeights, x_rows, act_rows, passes: int, ada_stats=N
 
 def denoise_loop(w: HeadWeights, plan: "LoopPlan", x, cond, temb, noises, coef, scales, *, backend: str):
     """The K steps on token rows. x (1, B * n_stride, P) is the initial sample (updated in place
-    by the kernel backends); cond (1, passes * B * n_stride, W); temb (K, W); noises: K entries, a
+    by the kernels: see ``steps_in_place``); cond (1, passes * B * n_stride, W); temb (K, W); noises: K entries, a
     (1, B * n_stride, P) tensor or None. Returns the final sample (1, B * n_stride, P)."""
     rows = x.shape[1]
+    in_place = steps_in_place(backend, x)
     silu = torch.nn.functional.silu
     # The adaLN statistics do not depend on the sample: they are computed ahead for a chunk of
     # steps at once (one large GEMM instead of one thin GEMM per step), as memory allows.
@@ -264,7 +279,7 @@ def denoise_loop(w: HeadWeights, plan: "LoopPlan", x, cond, temb, noises, coef, 
         out = head_forward_rows(w, x, None, passes, ada_stats=step_stats)
         x = guided_step(out, x, noises[i], coef, scales, i, guide=GUIDE_NONE if truncated else plan.guide,
                         renorm=plan.renorm and not truncated, group_len=plan.group_len,
-                        group_stride=plan.group_stride, new_x=None if backend == "torch" else x, backend=backend)
+                        group_stride=plan.group_stride, new_x=x if in_place else None, backend=backend)
     return x
 
 
@@ -524,7 +539,7 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
         with torch.no_grad():
             temb = time_embedding(head, head_t)
             cond = condition_projection(head, z_rows).reshape(1, passes * B * n_pad, w.width)
-            out = denoise_loop(w, plan, x.clone() if backend != "torch" else x, cond, temb, step_noise, coef,
+            out = denoise_loop(w, plan, x.clone() if steps_in_place(backend, x) else x, cond, temb, step_noise, coef,
                                scales, backend=backend)
     out = out.reshape(B, n_pad, P)
     return out if n_pad == n else out[:, :n]

@@ -29,7 +29,7 @@ import types
 import torch
 from torch import Tensor
 
-from nova_fast import backends
+from nova_fast import backends, cpu_kernels
 from nova_fast.ops._checks import FLOAT_DTYPES
 
 MAX_D = 4096
@@ -120,6 +120,18 @@ def use_compile(device) -> bool:
 NATIVE_MAX_ELEMENTS = 1 << 20
 
 
+CPU_KERNEL_PATH = "CPU kernel (csrc/cpu): inference on CPU tensors"
+
+
+def aten_path(t: Tensor, store_stats: bool) -> str:
+    """What the torch backend runs when its CPU kernel does not (reported by backend_info)."""
+    why = ("training (statistics kept for backward)" if store_stats else
+           "not CPU tensors" if t.device.type != "cpu" else cpu_kernels.status()[1])
+    if use_native(t, store_stats):
+        return f"ATen layer_norm + addcmul ({why})"
+    return f"{'torch.compile' if use_compile(t.device) else 'eager'} composition ({why})"
+
+
 def use_native(t: Tensor, store_stats: bool) -> bool:
     return not store_stats and t.device.type == "cpu" and t.numel() < NATIVE_MAX_ELEMENTS
 
@@ -141,6 +153,10 @@ def _modulate_math(x: Tensor, scale: Tensor, shift: Tensor, eps: float, normaliz
 
 
 def _forward_torch(x, scale, shift, normalize, eps, store_stats):
+    if not store_stats and cpu_kernels.available_for(x):
+        backends.record_path(OP, CPU_KERNEL_PATH)
+        return (torch.ops.nova_fast_cpu.modulate(x, scale, shift, eps, normalize),)
+    backends.record_path(OP, aten_path(x, store_stats))
     if use_native(x, store_stats):  # small inference call: see NATIVE_MAX_ELEMENTS
         base = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps) if normalize else x
         return (torch.addcmul(base + shift, base, scale),)
@@ -257,10 +273,13 @@ def modulate(x: Tensor, scale: Tensor, shift: Tensor, *, normalize: bool = True,
     check_x("x", x)
     check_rows("scale", scale, x, allow_broadcast=True)
     check_rows("shift", shift, x, allow_broadcast=True)
-    x3, scale3, shift3 = as_3d(x), as_3d(scale), as_3d(shift)
     if needs_autograd(x, scale, shift) or torch.compiler.is_compiling():
-        out = modulate_op(x3, scale3, shift3, bool(normalize), float(eps))[0]
-    else:  # inference: no autograd bookkeeping, no statistics kept
-        backend = backends.resolve(OP, x.device)
-        out = FORWARD[backend](x3, scale3, shift3, bool(normalize), float(eps), False)[0]
+        out = modulate_op(as_3d(x), as_3d(scale), as_3d(shift), bool(normalize), float(eps))[0]
+        return out if x.dim() == 3 else out.squeeze(0)
+    # inference: no autograd bookkeeping, no statistics kept
+    backend = backends.resolve(OP, x.device)
+    if backend == "torch" and cpu_kernels.available_for(x):  # one ATen op, 2-D or 3-D as given
+        backends.record_path(OP, CPU_KERNEL_PATH)
+        return torch.ops.nova_fast_cpu.modulate(x, scale, shift, float(eps), bool(normalize))
+    out = FORWARD[backend](as_3d(x), as_3d(scale), as_3d(shift), bool(normalize), float(eps), False)[0]
     return out if x.dim() == 3 else out.squeeze(0)

@@ -25,8 +25,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nova_fast import backends
-from nova_fast.ops.modulate import as_3d, check_rows, check_x, compiled, needs_autograd, use_compile, use_native
+from nova_fast import backends, cpu_kernels
+from nova_fast.ops.modulate import (CPU_KERNEL_PATH, aten_path, as_3d, check_rows, check_x, compiled, needs_autograd,
+                                    use_compile, use_native)
 
 OP = "residual_norm"
 
@@ -76,6 +77,13 @@ def _forward_native(x, y, weight, bias, gate, eps, out=None):
 
 
 def _forward_torch(x, y, weight, bias, gate, eps, store_stats, out=None):
+    if not store_stats and cpu_kernels.available_for(x, y):
+        backends.record_path(OP, CPU_KERNEL_PATH)
+        if out is x:
+            return torch.ops.nova_fast_cpu.residual_norm_(x, y, weight, bias, gate, eps),
+        result = torch.ops.nova_fast_cpu.residual_norm(x, y, weight, bias, gate, eps)
+        return (result,) if out is None else (out.copy_(result),)
+    backends.record_path(OP, aten_path(y, store_stats))
     if use_native(y, store_stats):
         return _forward_native(x, y, weight, bias, gate, eps, out)
     if out is x and use_compile(y.device):
@@ -214,8 +222,8 @@ def residual_norm(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, *, gate: O
     check_vector("bias", bias, x)
     if gate is not None:
         check_rows("gate", gate, x, allow_broadcast=True)
-    x3, y3, gate3 = as_3d(x), as_3d(y), (None if gate is None else as_3d(gate))
     grad = needs_autograd(x, y, weight, bias, gate)
+    compiling = torch.compiler.is_compiling()
     if inplace:
         if grad:
             raise RuntimeError("residual_norm(inplace=True) is for inference: an input requires grad; use "
@@ -223,12 +231,19 @@ def residual_norm(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, *, gate: O
         if any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape)):
             raise ValueError(f"residual_norm(inplace=True): x is a broadcast view (strides {x.stride()}); "
                              "it cannot be written in place")
-        if torch.compiler.is_compiling():
+    if not (grad or compiling) and backends.resolve(OP, x.device) == "torch" and cpu_kernels.available_for(x, y):
+        # inference on CPU: one ATen op, 2-D or 3-D as given (no reshapes around it)
+        backends.record_path(OP, CPU_KERNEL_PATH)
+        kernel = torch.ops.nova_fast_cpu.residual_norm_ if inplace else torch.ops.nova_fast_cpu.residual_norm
+        return kernel(x, y, weight, bias, gate, float(eps))
+    x3, y3, gate3 = as_3d(x), as_3d(y), (None if gate is None else as_3d(gate))
+    if inplace:
+        if compiling:
             residual_norm_inplace_op(x3, y3, weight, bias, gate3, float(eps))
         else:
             FORWARD[backends.resolve(OP, x.device)](x3, y3, weight, bias, gate3, float(eps), False, x3)
         return x
-    if grad or torch.compiler.is_compiling():
+    if grad or compiling:
         out = residual_norm_op(x3, y3, weight, bias, gate3, float(eps))[0]
     else:  # inference: no autograd bookkeeping, no statistics kept
         out = FORWARD[backends.resolve(OP, x.device)](x3, y3, weight, bias, gate3, float(eps), False)[0]
