@@ -14,6 +14,7 @@ state dict are never touched. What changes:
 | ``image_decoder.blocks.N`` / ``image_decoder.norm`` | AdaLN-Zero, gated residual      | ``modulate``, ``residual_norm(gate=)`` |
 | per AR step, the K-step head loop                   | head on the whole canvas, K x   | ``denoise_tokens`` on the predicted tokens (CUDA graphs on a GPU) |
 | the spatial encoder's last block                    | every token                     | queries, MLP and final norm only at the tokens the head reads |
+| ``image_encoder.add_pos_embed``                     | sin-cos table built per call    | the table built once per (width, grid, device, dtype) |
 
 The last two (and the mask) hook the model-level methods of ``nova_fast.reference.NOVAModel``
 (``denoise_step_tokens``, ``spatial_features``, ``temporal_attention_mask``) where the model has
@@ -37,6 +38,7 @@ from __future__ import annotations
 import functools
 import threading
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,7 @@ from nova_fast.ops.denoise_tokens import denoise_tokens
 from nova_fast.ops.group_causal_attention import HEAD_DIMS, SUPPORTED as ATTENTION_BACKENDS, group_causal_attention
 from nova_fast.ops.modulate import modulate
 from nova_fast.ops.residual_norm import residual_norm
-from nova_fast.reference.layers import apply_rope, gather_tokens
+from nova_fast.reference.layers import apply_rope, gather_tokens, sincos_2d
 
 # the backends each op the accelerator calls implements (the other three implement all of them)
 OPS = {"group_causal_attention": ATTENTION_BACKENDS, "modulate": backends.BACKENDS,
@@ -234,6 +236,25 @@ def spatial_encoder(self, tokens, prefix=None, known_ids=None, rope_pos=None, re
     return self.norm(h)
 
 
+_pos_tables: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def add_pos_embed(self, tokens):
+    """The spatial encoder's 2-D sin-cos position embedding, added to every token: the table depends
+    only on (width, base grid, device, dtype), so it is built once per encoder, not on every AR step
+    (about 20 ops each time in the reference)."""
+    if self.base_size is None:
+        return tokens
+    tables = _pos_tables.setdefault(self, {})
+    key = (self.dim, self.base_size, tokens.device, tokens.dtype)
+    table = tables.get(key)
+    if table is None:
+        # a normal tensor even when first built under inference mode: training reuses it
+        with torch.inference_mode(False), torch.no_grad():
+            table = tables[key] = sincos_2d(self.dim, *self.base_size, device=tokens.device).to(tokens.dtype)
+    return tokens + table
+
+
 @_scoped
 def spatial_features(self, tokens, prefix, known_ids, rope_pos, read_ids):
     return self.image_encoder(tokens, prefix, known_ids, rope_pos, read_ids=read_ids)
@@ -366,6 +387,8 @@ def accelerate(model: torch.nn.Module, *, backend: str = "auto", cuda_graphs: bo
             patch(blk, "forward", encoder_block)
             patch(blk.attn, "attend", attend)
     patch(model.image_encoder, "forward", spatial_encoder)
+    if callable(getattr(model.image_encoder, "add_pos_embed", None)) and hasattr(model.image_encoder, "base_size"):
+        patch(model.image_encoder, "add_pos_embed", add_pos_embed)
     mixer = getattr(model.video_encoder, "mixer", None)
     if mixer is not None:
         patch(mixer, "forward", video_mixer)

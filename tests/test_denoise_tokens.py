@@ -500,3 +500,20 @@ def test_runs_under_inference_mode():
         got = op.denoise_tokens(head, z, canvas, scheduler, guidance, generator=torch.Generator().manual_seed(1),
                                 pred_ids=ids_g)
     assert torch.equal(got, want)
+
+
+def test_cached_time_embedding_and_scales_follow_weights_and_schedule():
+    """The time embedding is kept across AR steps (same timesteps tensor); it must be recomputed
+    when the head's weights change in place or the schedule changes, and the guidance-scale
+    tensor shared between calls must not leak one call's values into another."""
+    head = make_head(2, 64, 48, seed=5)
+    got, want = run_both(head, "flow", 7, "cfg")
+    assert_tokens_close(got, want, torch.float32, "first call")
+    with torch.no_grad():
+        head.time_cond_embed.timestep_proj.fc1.weight.mul_(1.7)  # in place: same tensor, new version
+    got, want = run_both(head, "flow", 7, "cfg")
+    assert_tokens_close(got, want, torch.float32, "after an in-place weight edit")
+    got, want = run_both(head, "ddpm", 7, "stg")  # another schedule and other guidance scales
+    assert_tokens_close(got, want, torch.float32, "other schedule and scales")
+    got, want = run_both(head, "flow", 7, "cfg")
+    assert_tokens_close(got, want, torch.float32, "back to the first")

@@ -198,6 +198,7 @@ class HeadWeights:
         self.head_wt, self.head_b = linear(head.head)
         self.depth = len(self.blocks)
         self.version = _param_version(head)
+        self.temb_for = self.temb = None  # the time embedding of one timestep tensor (see loop_time_embedding)
 
 
 def _version(t: torch.Tensor):
@@ -225,6 +226,32 @@ def time_embedding(head, timesteps):
     """(K, W): the head's time embedding of all K timesteps in one batched call."""
     tce = head.time_cond_embed
     return tce.timestep_proj(tce.get_freq_embed(timesteps, tce.timestep_proj.fc1.weight.dtype))
+
+
+def loop_time_embedding(head, w: HeadWeights, timesteps):
+    """``time_embedding`` of a scheduler table's timesteps, kept on the head's loop weights: every
+    AR step of a generation denoises over the same K timesteps (the table's tensor, cached on the
+    scheduler), so it is computed once, not once per AR step. The weights object is rebuilt when
+    a parameter changes, which drops it; the table is held, so its identity cannot be reused."""
+    if w.temb_for is not timesteps:
+        w.temb, w.temb_for = time_embedding(head, timesteps), timesteps
+    return w.temb
+
+
+_scales_cache: dict = {}
+
+
+def guidance_scales(values: list[float], device) -> torch.Tensor:
+    """[s, s2, renorm_min] as a device tensor, one per distinct (values, device): read-only in the
+    loop, so every AR step shares it instead of building and copying it again."""
+    key = (tuple(values), str(device))
+    t = _scales_cache.get(key)
+    if t is None:
+        if len(_scales_cache) >= 64:
+            _scales_cache.clear()
+        with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+            t = _scales_cache[key] = torch.tensor(values, dtype=torch.float32).to(device)
+    return t
 
 
 def condition_projection(head, z):
@@ -524,7 +551,7 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
     renorm = guide != GUIDE_NONE and scale_values[2] < 1
     group_len, group_stride = (P, P) if RENORM_PER_TOKEN else (n * P, n_pad * P)
     plan = LoopPlan(len(host_t), guide, renorm, trunc_step, group_len, group_stride)
-    scales = torch.tensor(scale_values, dtype=torch.float32).to(device, non_blocking=True)
+    scales = guidance_scales(scale_values, device)
 
     x = _pad_tokens(noise, n_pad).reshape(1, B * n_pad, P)
     z_rows = _pad_tokens(z, n_pad)
@@ -537,7 +564,7 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
         out = _graph_run(head, w, plan, x, z_rows, head_t, coef, scales, step_noise, backend)
     else:
         with torch.no_grad():
-            temb = time_embedding(head, head_t)
+            temb = loop_time_embedding(head, w, head_t)
             cond = condition_projection(head, z_rows).reshape(1, passes * B * n_pad, w.width)
             out = denoise_loop(w, plan, x.clone() if steps_in_place(backend, x) else x, cond, temb, step_noise, coef,
                                scales, backend=backend)
