@@ -13,9 +13,11 @@ def doctor_table(info: dict) -> str:
             ("triton interpreter", "on" if info["triton_interpret"] else "off"),
             ("flash-attn", info["flash_attn"] or "not installed (optional GPU extra)"),
             ("nova_fast._C", info["extension"]),
+            ("CPU kernels", info["cpu_kernels"]),
             ("requested backend", _requested(info["requested"]))]
     for op, used in sorted(info["last_used"].items()):
-        rows.append((f"last {op}", f"{used['backend']}: {used['why']}"))
+        path = f" [{used['path']}]" if "path" in used else ""
+        rows.append((f"last {op}", f"{used['backend']}: {used['why']}{path}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -27,8 +29,10 @@ def _requested(req: dict) -> str:
 
 
 def cmd_doctor(args) -> int:
+    from nova_fast import cpu_kernels
     from nova_fast.backends import backend_info
 
+    cpu_kernels.load()  # builds them on a first run (about 10 s), so the report says whether they can
     print(doctor_table(backend_info()))
     return 0
 
