@@ -3,7 +3,7 @@
 Sizes from issue 8: (B*L, D) = (4096, 1280) and (2*1800, 1024), fp32, forward, statistics per token
 as NOVA feeds them (chunks of one (B, L, 3D) adaLN projection, read in place); plus the video mixer
 (no norm, chunks of a (B, L, 2D) projection). Implementations: ``eager``, ``torch`` (the backend:
-on CPU the inductor-compiled fused loop), and ``triton`` / ``cuda`` where a GPU is present.
+on CPU the one-pass kernel of csrc/cpu/adaln.cpp), and ``triton`` / ``cuda`` where a GPU is present.
 
 ``metrics`` reports the bytes each call moves: the eager composition is 4 passes (layer_norm,
 1 + scale, multiply, add), the fused op one read of x, scale, shift and one write; and the torch

@@ -3,7 +3,7 @@
 Sizes from issue 8: (B*L, D) = (4096, 1280) and (2*1800, 1024), fp32, forward. The gated form is the
 diffusion-head residual (gate per token, the third chunk of a (B, L, 3D) adaLN projection, read in
 place); the ungated form is the encoders' post-norm residual. Implementations: ``eager``, ``torch``
-(on CPU the inductor-compiled fused loop), ``torch_inplace`` (inplace=True), and ``triton`` /
+(on CPU the one-pass kernel of csrc/cpu/adaln.cpp), ``torch_inplace`` (inplace=True), and ``triton`` /
 ``cuda`` where a GPU is present.
 
 ``metrics`` reports the bytes each call moves: eager is 3 passes with a gate (layer_norm, multiply,

@@ -17,8 +17,9 @@ math on the n tokens only:
 - on CUDA tensors the K-step loop is captured once per (token bucket, batch, dtype, plan) into a
   CUDA graph and replayed (``cuda_graphs=True``); on CPU the same code runs eagerly.
 
-Backends for the fused step (``nova_fast.backends``, op name ``denoise_tokens``): ``torch``
-(``guided_step_torch``), ``triton`` (``nova_fast.kernels.denoise_step``), ``cuda``
+Backends for the fused step (``nova_fast.backends``, op name ``denoise_tokens``): ``torch`` (on
+CPU tensors the one-pass kernel ``torch.ops.nova_fast_cpu.guided_step_`` of
+csrc/cpu/denoise_step.cpp, in place; otherwise ``guided_step_torch``), ``triton`` (``nova_fast.kernels.denoise_step``), ``cuda``
 (``nova_fast._C.denoise_guided_step``, csrc/denoise_step.cu). The adaLN ops dispatch themselves.
 The step is also the ``torch.library`` op ``nova_fast::denoise_guided_step`` (fake kernel
 registered; inference only, no autograd formula). The whole op is inference-only (no_grad).

@@ -8,11 +8,13 @@ projection): they are read in place, never copied. D <= 4096. dtypes fp32, fp16,
 the same); statistics in fp32; the output has x's dtype and shape and is contiguous.
 
 Backends (``nova_fast.backends``):
-- ``torch``: on CPU, the math compiled once per dtype/layout by ``torch.compile`` (inductor's C++
-  codegen: one OpenMP loop over rows, reductions and the elementwise tail fused);
-  ``NOVA_FAST_TORCH_COMPILE=0`` runs the same math eagerly. Inference calls under 1M elements use
-  ATen's layer_norm kernel and one addcmul instead (``NATIVE_MAX_ELEMENTS``: the compiled call's
-  fixed cost dominates there). On other devices the math runs eagerly.
+- ``torch``: inference on CPU tensors runs the one-pass kernel ``torch.ops.nova_fast_cpu.modulate``
+  (csrc/cpu/adaln.cpp, built on first use by ``nova_fast.cpu_kernels``). Otherwise (training, the
+  kernels off with ``NOVA_FAST_CPU_KERNELS=0`` or not buildable) on CPU the math compiled once per
+  dtype/layout by ``torch.compile`` (inductor's C++ codegen, one OpenMP loop over rows);
+  ``NOVA_FAST_TORCH_COMPILE=0`` runs the same math eagerly; inference calls under 1M elements use
+  ATen's layer_norm kernel and one addcmul (``NATIVE_MAX_ELEMENTS``: the compiled call's fixed cost
+  dominates there). On other devices the math runs eagerly. ``backend_info()`` names the path.
   Backward: eager torch formulas (``_backward_torch``).
 - ``triton``: ``nova_fast.kernels.adaln`` (one program per row forward; chunked rows backward).
 - ``cuda``: ``nova_fast._C`` (csrc/adaln.cu: one block per row, 16-byte loads when aligned).

@@ -11,9 +11,11 @@ fp32. The output has x's shape and dtype; contiguous, or x itself with ``inplace
 In place: ``inplace=True`` writes the result into x and returns x. It is for inference: it raises
 if autograd would need to record the op (grad mode on and any input requiring grad).
 
-Backends: ``torch`` (CPU: the math compiled once per dtype/layout by ``torch.compile``, inductor C++,
-``NOVA_FAST_TORCH_COMPILE=0`` for eager; inference calls under 1M elements: ATen's layer_norm and one
-add, see ``modulate.NATIVE_MAX_ELEMENTS``; other devices: eager; backward: eager torch formulas),
+Backends: ``torch`` (inference on CPU tensors: the one-pass kernels
+``torch.ops.nova_fast_cpu.residual_norm`` / ``residual_norm_`` of csrc/cpu/adaln.cpp; otherwise on
+CPU the math compiled once per dtype/layout by ``torch.compile``, ``NOVA_FAST_TORCH_COMPILE=0`` for
+eager, inference calls under 1M elements ATen's layer_norm and one add, see ``modulate``; other
+devices: eager; backward: eager torch formulas),
 ``triton`` (``nova_fast.kernels.adaln``), ``cuda`` (``nova_fast._C``, csrc/adaln.cu). Autograd via the
 ``torch.library`` custom ops ``nova_fast::residual_norm`` / ``nova_fast::residual_norm_backward``; the
 in-place form is ``nova_fast::residual_norm_`` (mutates x, no autograd).
