@@ -63,8 +63,9 @@ inline void row_stats(const T* v, int64_t D, float eps, float& mean, float& rstd
   rstd = 1.f / std::sqrt(var + eps);
 }
 
-// dst[d] = value(d) for d < D, converted to T. (Non-temporal stores for large fp32 outputs were
-// tried: 10-40% slower here than plain stores, so rows are written through the cache.)
+// dst[d] = value(d) for d < D, converted to T. Rows are written through the cache: non-temporal
+// stores for outputs over 8 MiB were tried (fp32, rows staged in L1, then _mm256_stream_ps) and
+// measured no faster out of place (2x1800x1024 post-norm 1.36 vs 1.35 ms) and 40% slower in place.
 template <class T, class F>
 inline void write_row(T* dst, int64_t D, F&& value) {
 #pragma omp simd
