@@ -9,7 +9,11 @@ Implementations: ``sdpa_dense_mask`` (baseline: ``F.scaled_dot_product_attention
 N x N additive float mask, NOVA's own path; the mask is built once in setup, outside the timing),
 ``flex_compiled`` (``torch.compile(flex_attention)`` with a block mask built from the same rule,
 also outside the timing: its build time and the first (compiling) call are in the metrics),
-``torch`` (this op's torch backend) and ``triton`` on a GPU.
+``torch`` (this op's torch backend) and ``triton`` on a GPU. Forward cases also time
+``sdpa_causal_bound``: SDPA with ``is_causal=True`` on the same tensors, a different mask (not an
+answer to the problem) with about the same number of visible pairs (N^2 / 2 against the rule's
+``pair_fraction``): how fast the dense kernel runs when it skips half the work itself, i.e. the
+ceiling for any method built on that kernel.
 
 Metrics: the work counter (``attention_work``: key tiles the Triton kernel visits / tiles of the
 dense problem, and visible (query, key) pairs, which is exactly what the torch backend computes),
@@ -82,6 +86,8 @@ def _setup(name, groups_fn, H, D, dtype, backward):
             return fwd_bwd
 
         impls = {"sdpa_dense_mask": timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))}
+        if not backward:
+            impls["sdpa_causal_bound"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         fused = timed(lambda: nova_fast.group_causal_attention(q, k, v, groups))
         impls.update(backend_impls("group_causal_attention", fused, dev, candidates=("torch", "triton")))
         extra = EXTRA.setdefault(name, {"dense_mask_MiB": round(mask.numel() * mask.element_size() / 2**20, 1),
@@ -143,7 +149,7 @@ CASES = [
           backward=True, quick=False),
 ]
 
-_IMPLS = ("sdpa_dense_mask", "flex_compiled", "torch", "triton")
+_IMPLS = ("sdpa_dense_mask", "sdpa_causal_bound", "flex_compiled", "torch", "triton")
 
 
 @pytest.mark.parametrize("impl", _IMPLS)
