@@ -63,6 +63,43 @@ def count_dispatched_ops(fn: Callable[[], Any]) -> int:
     return _Counter.count
 
 
+def _pop_stage(running: list):
+    def hook(*_):
+        running.pop()  # returns None: a forward hook's return value would replace the output
+    return hook
+
+
+def count_ops_by_stage(fn: Callable[[], Any], model, stages: dict[str, str]) -> dict[str, int]:
+    """ATen ops ``fn()`` dispatches, split by the stage module of ``model`` that was running
+    ({stage: attribute name}, e.g. {"head": "image_decoder"}; the outermost one counts when they
+    nest) and "other" for the rest; "total" sums them. Counted like ``count_dispatched_ops``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    running: list[str] = []
+    counts = dict.fromkeys([*stages, "other"], 0)
+    handles = []
+    for stage, attr in stages.items():
+        module = getattr(model, attr, None)
+        if module is None:
+            continue
+        handles.append(module.register_forward_pre_hook(lambda *_, s=stage: running.append(s)))
+        handles.append(module.register_forward_hook(_pop_stage(running)))
+
+    class _Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[running[0] if running else "other"] += 1
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with _Counter():
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
 def bench_device():
     """Where the suites run: the GPU when one is visible, else the CPU."""
     import torch

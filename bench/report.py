@@ -80,22 +80,25 @@ def table(results: dict) -> str:
     return "\n".join(out)
 
 
-def stage_splits(results: dict) -> list[tuple[str, str, dict]]:
-    """(case id, implementation, per-frame seconds per stage) for every case that reports a split."""
+def stage_splits(results: dict, key: str = "per_frame_s") -> list[tuple[str, str, dict]]:
+    """(case id, implementation, per-frame split per stage) for every case that reports ``key``
+    (``per_frame_s``: seconds; ``ops_per_frame``: ATen ops)."""
     out = []
     for case in results["cases"]:
         for label, entry in case["impls"].items():
-            split = (entry.get("metrics") or {}).get("per_frame_s")
+            split = (entry.get("metrics") or {}).get(key)
             if split:
                 out.append((case["id"], label, split))
     return out
 
 
-def stage_table(results: dict, markdown: bool = False) -> str:
-    """Per-frame latency split temporal / spatial encoder / diffusion head (the paper's table shape)."""
-    splits = stage_splits(results)
+def stage_table(results: dict, markdown: bool = False, key: str = "per_frame_s") -> str:
+    """Per-frame split temporal / spatial encoder / diffusion head (the paper's table shape) of
+    latency (``per_frame_s``) or of ATen ops (``ops_per_frame``)."""
+    splits = stage_splits(results, key)
     if not splits:
         return ""
+    fmt_value = format_seconds if key == "per_frame_s" else (lambda v: "n/a" if v is None else f"{v:.0f}")
     header = ["case", "implementation", *[f"{c} / frame" for c in STAGE_COLUMNS]]
     body = []
     for case_id, label, split in splits:
@@ -104,7 +107,7 @@ def stage_table(results: dict, markdown: bool = False) -> str:
         for col in STAGE_COLUMNS:
             value = split.get(col)
             share = "" if col == "total" or value is None else f" ({100 * value / total:.0f}%)"
-            cells.append(format_seconds(value) + share)
+            cells.append(fmt_value(value) + share)
         body.append([case_id, label, *cells])
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * len(STAGE_COLUMNS)]
@@ -129,6 +132,9 @@ def console(results: dict) -> str:
     split = stage_table(results)
     if split:
         parts += ["", "Per-frame split of generation (temporal encoder / spatial encoder / diffusion head):", split]
+    ops = stage_table(results, key="ops_per_frame")
+    if ops:
+        parts += ["", "ATen ops per frame, same split:", ops]
     bad = {op: s for op, s in results["suites"].items() if s != "ok"}
     if bad:
         parts += ["", *[f"suite {op}: {s}" for op, s in bad.items()]]
@@ -147,6 +153,9 @@ def markdown(results: dict) -> str:
         lines += ["", "## Per-frame split of generation", "",
                   "Stage times from forward hooks on `video_encoder`, `image_encoder`, `image_decoder` "
                   "(nova_fast.profiling); other = the rest of the generation loop.", "", split]
+    ops = stage_table(results, markdown=True, key="ops_per_frame")
+    if ops:
+        lines += ["", "## ATen ops per frame, same split", "", ops]
     lines += ["", "## Sizes", "", "| case | baseline | sizes |", "|---|---|---|"]
     for case in results["cases"]:
         sizes = ", ".join(f"{k}={v}" for k, v in case["sizes"].items())

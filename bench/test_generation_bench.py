@@ -7,7 +7,8 @@ only where a GPU is. Every implementation gets its own copy of the same weights 
 Each implementation's callable also reports the per-frame split temporal encoder / spatial encoder /
 diffusion head (the shape of the NOVA paper's latency table), timed by ``nova_fast.profiling``'s
 hooks on ``video_encoder``, ``image_encoder`` and ``image_decoder``; "other" is what the three do
-not cover (sampling bookkeeping, canvas updates, the scheduler outside the head).
+not cover (sampling bookkeeping, canvas updates, the scheduler outside the head). The ATen ops per
+frame get the same split (``ops_per_frame``, counted once in one more call; not for compiled code).
 
 An implementation that cannot run here (compile failed, accelerate missing or failing) is still
 listed, as the exception that says why; the runner and the pytest suite report it as unavailable.
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from nova_fast.bench.case import BenchCase
+from nova_fast.bench.case import BenchCase, count_ops_by_stage
 
 try:  # the runner and `nova-fast profile` import this module without needing pytest
     import pytest
@@ -82,6 +83,7 @@ class GenerationRun:
         self.profiler = profiling.StageProfiler(model).attach()
         self.calls = 0
         self.seconds = 0.0
+        self.ops_split = None  # ATen ops per frame by stage, counted once
 
     def __call__(self):
         sync = torch.cuda.synchronize if self.text.is_cuda else (lambda: None)
@@ -94,13 +96,22 @@ class GenerationRun:
         return out
 
     def extra_metrics(self) -> dict:
-        """Per-frame seconds of each stage, averaged over every call so far."""
+        """Per-frame seconds of each stage, averaged over every call so far, and (once, from one
+        more call) the ATen ops each stage dispatches per frame; not for compiled code."""
         frames = self.sizes["latent_frames"] * max(self.calls, 1)
         stages = {k: v / frames for k, v in self.profiler.stage_seconds().items()}
         total = self.seconds / frames
         split = {**stages, "other": max(total - sum(stages.values()), 0.0), "total": total}
         calls = {k: v / max(self.calls, 1) for k, v in self.profiler.stage_calls().items()}
-        return {"per_frame_s": split, "stage_calls_per_generation": calls, **self.notes}
+        out = {"per_frame_s": split, "stage_calls_per_generation": calls, **self.notes}
+        if "compiled" not in self.notes:
+            if self.ops_split is None:
+                from nova_fast.profiling import STAGES
+
+                counts = count_ops_by_stage(lambda: generate(self.model, self.text, self.sizes), self.model, STAGES)
+                self.ops_split = {k: v / self.sizes["latent_frames"] for k, v in counts.items()}
+            out["ops_per_frame"] = self.ops_split
+        return out
 
 
 def _compiled_copy(model, text, sizes):

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from nova_fast.bench import report, runner
-from nova_fast.bench.case import BenchCase
+from nova_fast.bench.case import BenchCase, count_ops_by_stage
 from nova_fast.cli import main
 
 
@@ -107,3 +107,24 @@ def test_op_count_leaves_compiled_code_compilable():
     assert "compile" in counted["ops_error"]
     fn(torch.randn(7, 3))        # a new shape: compiles again (would raise if the frame were skipped)
     assert runner.count_call(lambda: x.sin() + 1)["ops_per_call"] == 2
+
+
+def test_count_ops_by_stage_splits_without_changing_outputs():
+    import torch
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head = torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+
+        def forward(self, x):
+            return self.head(self.enc(x) * 2) + 1
+
+    model, x = Model(), torch.randn(3, 4)
+    want = model(x)
+    got = []
+    counts = count_ops_by_stage(lambda: got.append(model(x)), model, {"spatial": "enc", "head": "head"})
+    assert torch.equal(got[0], want)  # the hooks leave every output as it was
+    assert counts["spatial"] >= 1 and counts["head"] >= 2 and counts["other"] >= 2
+    assert counts["total"] == counts["spatial"] + counts["head"] + counts["other"]
+    assert not model._forward_hooks and not model.enc._forward_pre_hooks  # removed afterwards
