@@ -218,3 +218,22 @@ def test_cpu_kernel_failure_runs_aten_and_says_why(cpu_kernel_failure):
         out = nova_fast.residual_norm(x, y, weight, bias, gate=g)
     assert_close(out, eager_residual_norm(x, y, weight, bias, g), torch.float32, "ATen path")
     assert "simulated failure" in nova_fast.backend_info()["last_used"]["residual_norm"]["path"]
+
+
+def test_cpu_kernel_row_strided_x_and_empty(cpu_kernels_built):
+    """x a row-strided view (unit stride along D): read and, in place, written through its strides,
+    leaving the rest of the storage alone; zero rows return empty results."""
+    big = torch.randn(2, 5, 3000)
+    x = big[..., 100:1100]
+    y, weight, bias = torch.randn(2, 5, 1000), torch.randn(1000), torch.randn(1000)
+    want = eager_residual_norm(x, y, weight, bias)
+    before = big.clone()
+    with torch.no_grad():
+        assert_close(nova_fast.residual_norm(x, y, weight, bias), want, torch.float32, "strided x")
+        nova_fast.residual_norm(x, y, weight, bias, inplace=True)
+        assert nova_fast.backend_info()["last_used"]["residual_norm"]["path"].startswith("CPU kernel")
+    assert_close(x, want, torch.float32, "strided x in place")
+    assert torch.equal(big[..., :100], before[..., :100]) and torch.equal(big[..., 1100:], before[..., 1100:])
+    empty = torch.randn(0, 7, 64)
+    with torch.no_grad():
+        assert nova_fast.residual_norm(empty, empty.clone(), torch.ones(64), torch.zeros(64)).shape == (0, 7, 64)
