@@ -58,16 +58,45 @@ def _tile(base, idx, stride, cols):
 
 
 @triton.jit
+def _program(H):
+    # (tile index, b * H + h in int64, b, h) of this program: grid (tiles, B * H)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    return tl.program_id(0), bh, b, bh - b * H
+
+
+@triton.jit
+def _kv_tile(k_bh, v_bh, kg_b, keys, Nk, k_sn, v_sn, cols):
+    # K and V rows ``keys`` of one (b, h) and their groups; keys past Nk read as 0 and GROUP_PAD
+    # (a group no query reaches), so they are never visible
+    key_ok = keys < Nk
+    k = tl.load(_tile(k_bh, keys, k_sn, cols), mask=key_ok[:, None], other=0.0)
+    v = tl.load(_tile(v_bh, keys, v_sn, cols), mask=key_ok[:, None], other=0.0)
+    kg = tl.load(kg_b + keys, mask=key_ok, other=GROUP_PAD)
+    return key_ok, k, v, kg
+
+
+@triton.jit
+def _query_grad_tile(q_bh, do_bh, qg_b, lse_bh, delta_bh, rows, Nq, q_sn, do_sn, cols):
+    # the backward's per-query inputs: q, dO, groups, lse in log2 units and delta = rowsum(dO * O);
+    # lse = +inf (rows past the end, rows that see no key) makes their probabilities exactly 0
+    row_ok = rows < Nq
+    q = tl.load(_tile(q_bh, rows, q_sn, cols), mask=row_ok[:, None], other=0.0)
+    do = tl.load(_tile(do_bh, rows, do_sn, cols), mask=row_ok[:, None], other=0.0)
+    qg = tl.load(qg_b + rows, mask=row_ok, other=-1)
+    lse2 = tl.load(lse_bh + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_bh + rows, mask=row_ok, other=0.0)
+    return row_ok, q, do, qg, lse2, delta
+
+
+@triton.jit
 def gca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qg_ptr, kg_ptr, kv_tiles_ptr,
                    scale_log2, Nq, Nk, H,
                    q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn,
                    qg_sb, kg_sb, tiles_sb,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     # program (query tile, b * H + h); lse is fp32 (B, H, Nq)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh - b * H
+    pid_m, bh, b, h = _program(H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     row_ok = rows < Nq
@@ -81,11 +110,8 @@ def gca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qg_ptr, kg_ptr, kv_tiles
     k_bh = k_ptr + b * k_sb + h * k_sh
     v_bh = v_ptr + b * v_sb + h * v_sh
     for start_n in range(0, n_tiles * BLOCK_N, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < Nk
-        k = tl.load(_tile(k_bh, keys, k_sn, cols), mask=key_ok[:, None], other=0.0)
-        v = tl.load(_tile(v_bh, keys, v_sn, cols), mask=key_ok[:, None], other=0.0)
-        kg = tl.load(kg_ptr + b * kg_sb + keys, mask=key_ok, other=GROUP_PAD)
+        _, k, v, kg = _kv_tile(k_bh, v_bh, kg_ptr + b * kg_sb, start_n + tl.arange(0, BLOCK_N), Nk, k_sn, v_sn,
+                               cols)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -121,16 +147,11 @@ def gca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         IEEE: tl.constexpr):
     # program (key tile, b * H + h); dk, dv contiguous (B, H, Nk, D); lse, delta fp32 (B, H, Nq)
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh - b * H
+    pid_n, bh, b, h = _program(H)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HEAD_DIM)
-    key_ok = keys < Nk
-    k = tl.load(_tile(k_ptr + b * k_sb + h * k_sh, keys, k_sn, cols), mask=key_ok[:, None], other=0.0)
-    v = tl.load(_tile(v_ptr + b * v_sb + h * v_sh, keys, v_sn, cols), mask=key_ok[:, None], other=0.0)
-    kg = tl.load(kg_ptr + b * kg_sb + keys, mask=key_ok, other=GROUP_PAD)
+    key_ok, k, v, kg = _kv_tile(k_ptr + b * k_sb + h * k_sh, v_ptr + b * v_sb + h * v_sh, kg_ptr + b * kg_sb, keys,
+                                Nk, k_sn, v_sn, cols)
     first_tile = tl.load(q_start_ptr + b * tiles_sb + pid_n)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -138,14 +159,9 @@ def gca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr,
     q_bh = q_ptr + b * q_sb + h * q_sh
     do_bh = do_ptr + b * do_sb + h * do_sh
     for start_m in range(first_tile * BLOCK_M, Nq, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < Nq
-        q = tl.load(_tile(q_bh, rows, q_sn, cols), mask=row_ok[:, None], other=0.0)
-        do = tl.load(_tile(do_bh, rows, do_sn, cols), mask=row_ok[:, None], other=0.0)
-        qg = tl.load(qg_ptr + b * qg_sb + rows, mask=row_ok, other=-1)
-        # lse = +inf (rows past the end, rows that see no key) makes their probabilities exactly 0
-        lse2 = tl.load(lse_ptr + bh * Nq + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_ptr + bh * Nq + rows, mask=row_ok, other=0.0)
+        _, q, do, qg, lse2, delta = _query_grad_tile(q_bh, do_bh, qg_ptr + b * qg_sb, lse_ptr + bh * Nq,
+                                                     delta_ptr + bh * Nq, start_m + tl.arange(0, BLOCK_M), Nq,
+                                                     q_sn, do_sn, cols)
         if IEEE:
             qkT = tl.dot(k, tl.trans(q), input_precision="ieee")
         else:
@@ -177,30 +193,20 @@ def gca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q
                       qg_sb, kg_sb, tiles_sb,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     # program (query tile, b * H + h); dq contiguous (B, H, Nq, D)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh - b * H
+    pid_m, bh, b, h = _program(H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
-    row_ok = rows < Nq
-    q = tl.load(_tile(q_ptr + b * q_sb + h * q_sh, rows, q_sn, cols), mask=row_ok[:, None], other=0.0)
-    do = tl.load(_tile(do_ptr + b * do_sb + h * do_sh, rows, do_sn, cols), mask=row_ok[:, None],
-                 other=0.0)
-    qg = tl.load(qg_ptr + b * qg_sb + rows, mask=row_ok, other=-1)
-    lse2 = tl.load(lse_ptr + bh * Nq + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(delta_ptr + bh * Nq + rows, mask=row_ok, other=0.0)
+    row_ok, q, do, qg, lse2, delta = _query_grad_tile(q_ptr + b * q_sb + h * q_sh, do_ptr + b * do_sb + h * do_sh,
+                                                      qg_ptr + b * qg_sb, lse_ptr + bh * Nq, delta_ptr + bh * Nq,
+                                                      rows, Nq, q_sn, do_sn, cols)
     n_tiles = tl.load(kv_tiles_ptr + b * tiles_sb + pid_m)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_bh = k_ptr + b * k_sb + h * k_sh
     v_bh = v_ptr + b * v_sb + h * v_sh
     for start_n in range(0, n_tiles * BLOCK_N, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < Nk
-        k = tl.load(_tile(k_bh, keys, k_sn, cols), mask=key_ok[:, None], other=0.0)
-        v = tl.load(_tile(v_bh, keys, v_sn, cols), mask=key_ok[:, None], other=0.0)
-        kg = tl.load(kg_ptr + b * kg_sb + keys, mask=key_ok, other=GROUP_PAD)
+        _, k, v, kg = _kv_tile(k_bh, v_bh, kg_ptr + b * kg_sb, start_n + tl.arange(0, BLOCK_N), Nk, k_sn, v_sn,
+                               cols)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
