@@ -48,7 +48,7 @@ from nova_fast.ops.denoise_tokens import denoise_tokens
 from nova_fast.ops.group_causal_attention import HEAD_DIMS, SUPPORTED as ATTENTION_BACKENDS, group_causal_attention
 from nova_fast.ops.modulate import modulate
 from nova_fast.ops.residual_norm import residual_norm
-from nova_fast.reference.layers import apply_rope, gather_tokens, sincos_2d
+from nova_fast.reference.layers import apply_rope, gather_tokens, sincos_2d, unpatchify
 
 # the backends each op the accelerator calls implements (the other three implement all of them)
 OPS = {"group_causal_attention": ATTENTION_BACKENDS, "modulate": backends.BACKENDS,
@@ -332,6 +332,58 @@ def denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator
     return canvas.scatter_(1, pred_ids[:B].unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
 
 
+def patch_embed_rows(patch_embed) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's patch-embedding Conv2d (kernel = stride = patch) as a Linear on patchified
+    tokens: weight (D, p*p*C) in patchify order (ph, pw, c), bias (D,)."""
+    conv = patch_embed.proj
+    return conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1), conv.bias
+
+
+@_scoped
+def generate_frame(self, prefix, schedule, state, scheduler, guidance, generator=None):
+    """NOVAModel.generate_frame with the canvas kept as tokens (B, L, p*p*C): the patch embedding
+    is one GEMM on the tokens, each AR step writes its predicted tokens and the known mask in place
+    (the reference rebuilds canvas-sized tensors around every step), one unpatchify at the end.
+    The RNG draws are the reference's, in its order: the token order once per video, one
+    canvas-shaped normal per AR step, the DDPM draws inside ``denoise_tokens``. Canvas-scoped renorm
+    runs the reference loop (see ``denoise_step_tokens``)."""
+    if guidance is not None and guidance.active and guidance.guidance_renorm < 1 and guidance.renorm_scope == "canvas":
+        return type(self).generate_frame(self, prefix, schedule, state, scheduler, guidance, generator)
+    c = self.config
+    B, m = state["batch"], guidance.passes
+    H, W = c.latent_size
+    L, dev, dtype = c.spatial_tokens, self.device, self.dtype
+    shape = (B, c.image_dim, H, W)
+    canvas = torch.zeros(B, L, self.patch * self.patch * c.image_dim, device=dev, dtype=dtype)
+    noise = torch.empty(shape, device=dev, dtype=dtype)
+    known = torch.zeros(B, L, 1, dtype=torch.bool, device=dev)
+    known_ids = torch.zeros(B, 0, dtype=torch.long, device=dev)
+    rope_pos = self.spatial_rope_pos(m * B)
+    embed_w, embed_b = patch_embed_rows(self.image_encoder.patch_embed)
+    mask_token = self.mask_embed.mask_token.to(dtype)
+    rows, written = torch.arange(B, device=dev).unsqueeze(1), torch.ones((), dtype=torch.bool, device=dev)
+    denoise = dict(scheduler=scheduler, guidance=guidance, generator=generator,
+                   cuda_graphs=self.__dict__[STATE]["cuda_graphs"])
+    pos = 0
+    for n in schedule:
+        if state.get("order") is None:  # once per video, with the caller's generator
+            u = torch.empty(B, L, 1, device=dev, dtype=dtype).uniform_(generator=generator)
+            state["order"] = u.argsort(dim=1).squeeze(-1)
+        pred_ids = state["order"][:, pos:pos + n]
+        pos += n
+        tokens = torch.where(known, F.linear(canvas, embed_w, embed_b), mask_token)
+        ids_m = self.expand_passes(pred_ids, m)
+        z = self.spatial_features(self.expand_passes(tokens, m), prefix, self.expand_passes(known_ids, m),
+                                  rope_pos, ids_m)
+        noise.normal_(generator=generator)
+        # the predicted tokens land on zeros (each token is predicted once): writing them equals the
+        # reference's canvas + sample * write
+        canvas.index_put_((rows, pred_ids), self.image_decoder(noise, None, z, ids_m, denoise=denoise))
+        known.index_put_((rows, pred_ids), written)
+        known_ids = torch.cat([known_ids, pred_ids], dim=1)
+    return unpatchify(canvas, self.patch, shape)
+
+
 @_scoped
 def generate_video(self, *args, **kwargs):
     return type(self).generate_video(self, *args, **kwargs)
@@ -399,7 +451,8 @@ def accelerate(model: torch.nn.Module, *, backend: str = "auto", cuda_graphs: bo
     patch(head.norm, "forward", adaln_zero)
     patch(head, "forward", head_forward)
     for name, fn in (("temporal_attention_mask", temporal_attention_mask), ("spatial_features", spatial_features),
-                     ("denoise_step_tokens", denoise_step_tokens), ("generate_video", generate_video),
+                     ("denoise_step_tokens", denoise_step_tokens), ("generate_frame", generate_frame),
+                     ("generate_video", generate_video),
                      ("training_losses", training_losses)):
         if callable(getattr(type(model), name, None)):
             patch(model, name, fn)
