@@ -192,8 +192,8 @@ def encoder_block(self, x, attn_mask=None, kv_cache=None, rope=None, read_rows=N
     else:
         if attn_mask is not None or kv_cache is not None:
             raise ValueError("read_rows computes unmasked, uncached attention only")
-        q, k, v = queries_at_rows(attn, x, read_rows, rope)
-        base = gather_tokens(x, read_rows).reshape(-1, D)
+        q, k, v, base = queries_at_rows(attn, x, read_rows, rope)
+        base = base.reshape(-1, D)
     o = attn.attend(q, k, v, attn_mask)  # (B, H, n, d)
     h = residual_norm(base, F.linear(o.transpose(1, 2).reshape(base.shape), attn.proj.weight, attn.proj.bias),
                       w1, b1, eps=e1)
@@ -203,22 +203,51 @@ def encoder_block(self, x, attn_mask=None, kv_cache=None, rope=None, read_rows=N
     return h.view(B, -1, D)
 
 
+_qkv_views: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _param_key(t):
+    # inference tensors (a model built under inference mode) have no version counter
+    return None if t is None else (id(t), t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device)
+
+
+def _split_qkv(weight, bias, D: int) -> tuple:
+    return weight[:D], None if bias is None else bias[:D], weight[D:], None if bias is None else bias[D:]
+
+
+def qkv_split(qkv, D: int) -> tuple:
+    """(q weight, q bias, kv weight, kv bias): views of the fused qkv Linear's parameters. Outside
+    autograd they are kept per (parameter, storage, version), so every AR step does not slice them
+    again; under autograd they are sliced per call (a view made without grad would cut the
+    parameter's gradient)."""
+    weight, bias = qkv.weight, qkv.bias
+    if torch.is_grad_enabled():
+        return _split_qkv(weight, bias, D)
+    key = (_param_key(weight), _param_key(bias))
+    entry = _qkv_views.get(qkv)
+    if entry is None or entry[0] != key:
+        # the views keep their parameters alive, so the ids in the key stay theirs
+        entry = _qkv_views[qkv] = (key, _split_qkv(weight, bias, D))
+    return entry[1]
+
+
 def queries_at_rows(attn, x, rows, rope=None):
     """q at ``rows`` (B, n) of x (B, N, D), k and v at every row, all (B, H, *, d): the qkv weights
-    sliced, so the queries of the other rows are never computed."""
+    sliced, so the queries of the other rows are never computed. Also returns x at those rows
+    (B, n, D), the block's residual input there."""
     B, N, D = x.shape
     H, n = attn.num_heads, rows.shape[1]
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(gather_tokens(x, rows), weight[:D], None if bias is None else bias[:D])
-    k, v = F.linear(x, weight[D:], None if bias is None else bias[D:]).view(B, N, 2, H, -1).permute(
-        2, 0, 3, 1, 4).unbind(0)
+    q_weight, q_bias, kv_weight, kv_bias = qkv_split(attn.qkv, D)
+    x_rows = gather_tokens(x, rows)
+    q = F.linear(x_rows, q_weight, q_bias)
+    k, v = F.linear(x, kv_weight, kv_bias).view(B, N, 2, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
     q = q.view(B, n, H, -1).transpose(1, 2)
     if rope is not None:
         cos, sin = rope  # (B, 1, N, d/2)
         index = rows[:, None, :, None].expand(B, 1, n, cos.shape[-1])
         q = apply_rope(q, (cos.gather(2, index), sin.gather(2, index)))
         k = apply_rope(k, rope)
-    return q, k, v
+    return q, k, v, x_rows
 
 
 @_scoped

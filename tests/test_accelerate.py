@@ -317,6 +317,23 @@ def test_profiling_sees_the_accelerated_stages(tiny):
     assert all(v > 0 for v in prof.stage_seconds().values())
 
 
+def test_cached_views_follow_weight_edits(tiny):
+    """Generation keeps slices of the spatial encoder's qkv weights between AR steps (outside
+    autograd): an in-place edit (new version) and a swapped .data (new storage) must both show up."""
+    model, text = tiny
+    ref, fast = copy.deepcopy(model), nova_fast.accelerate(copy.deepcopy(model))
+    assert_rel_close(_gen(fast, text), _gen(ref, text), 1e-4, "before")
+    for m in (ref, fast):
+        with torch.no_grad():
+            m.image_encoder.blocks[-1].attn.qkv.weight.mul_(1.3)
+    assert_rel_close(_gen(fast, text), _gen(ref, text), 1e-4, "after an in-place edit")
+    for m in (ref, fast):
+        qkv = m.image_encoder.blocks[-1].attn.qkv
+        qkv.weight.data = qkv.weight.data * 0.7
+        qkv.bias.data = qkv.bias.data + 0.1
+    assert_rel_close(_gen(fast, text), _gen(ref, text), 1e-4, "after swapping .data")
+
+
 def test_generation_under_inference_mode(tiny):
     """The bench generates under torch.inference_mode: the accelerated path must run there too."""
     model, text = tiny

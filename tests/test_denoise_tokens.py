@@ -317,12 +317,15 @@ def test_noise_as_tokens_with_canvas_shape():
     head, guidance, scheduler = head_for("tiny"), GUIDANCE["cfg"](), make_scheduler("ddpm")
     z, canvas, ids, ids_g = make_inputs(head, 9, guidance)
     tokens = to_tokens(canvas, 2).gather(1, ids.unsqueeze(-1).expand(-1, -1, 16))
+    given, canvas_given = tokens.clone(), canvas.clone()
     with torch.no_grad():
         a = op.denoise_tokens(head, z, canvas, scheduler, guidance, generator=torch.Generator().manual_seed(3),
                               pred_ids=ids_g)
         b = op.denoise_tokens(head, z, tokens, scheduler, guidance, generator=torch.Generator().manual_seed(3),
                               pred_ids=ids.unsqueeze(-1), canvas_shape=canvas.shape)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the loop updates its sample in place: never the caller's noise (tokens or canvas)
+    assert torch.equal(tokens, given) and torch.equal(canvas, canvas_given)
 
 
 def test_public_name():

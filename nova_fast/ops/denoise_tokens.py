@@ -200,6 +200,15 @@ class HeadWeights:
         self.depth = len(self.blocks)
         self.version = _param_version(head)
         self.temb_for = self.temb = None  # the time embedding of one timestep tensor (see loop_time_embedding)
+        self._ada_batches: dict = {}
+
+    def ada_weight_batch(self, count: int) -> torch.Tensor:
+        """The adaLN projection's (1, W, S) weight viewed as ``count`` batches (a stride-0 view),
+        for the statistics of ``count`` steps in one batched GEMM; one view per count."""
+        view = self._ada_batches.get(count)
+        if view is None:
+            view = self._ada_batches[count] = self.ada_wt.expand(count, -1, -1)
+        return view
 
 
 def _version(t: torch.Tensor):
@@ -230,12 +239,12 @@ def time_embedding(head, timesteps):
 
 
 def loop_time_embedding(head, w: HeadWeights, timesteps):
-    """``time_embedding`` of a scheduler table's timesteps, kept on the head's loop weights: every
+    """``time_embedding`` of a scheduler table's timesteps as (K, 1, W), kept on the head's loop weights: every
     AR step of a generation denoises over the same K timesteps (the table's tensor, cached on the
     scheduler), so it is computed once, not once per AR step. The weights object is rebuilt when
     a parameter changes, which drops it; the table is held, so its identity cannot be reused."""
     if w.temb_for is not timesteps:
-        w.temb, w.temb_for = time_embedding(head, timesteps), timesteps
+        w.temb, w.temb_for = time_embedding(head, timesteps).unsqueeze(1), timesteps
     return w.temb
 
 
@@ -286,7 +295,7 @@ def head_forward_rows(w: HeadWeights, x_rows, act_rows, passes: int, ada_stats=N
 
 def denoise_loop(w: HeadWeights, plan: "LoopPlan", x, cond, temb, noises, coef, scales, *, backend: str):
     """The K steps on token rows. x (1, B * n_stride, P) is the initial sample (updated in place
-    by the kernels: see ``steps_in_place``); cond (1, passes * B * n_stride, W); temb (K, W); noises: K entries, a
+    by the kernels: see ``steps_in_place``); cond (1, passes * B * n_stride, W); temb (K, 1, W); noises: K entries, a
     (1, B * n_stride, P) tensor or None. Returns the final sample (1, B * n_stride, P)."""
     rows = x.shape[1]
     in_place = steps_in_place(backend, x)
@@ -300,9 +309,9 @@ def denoise_loop(w: HeadWeights, plan: "LoopPlan", x, cond, temb, noises, coef, 
         truncated = plan.trunc_step is not None and i >= plan.trunc_step
         passes = 1 if truncated else plan.passes
         if i % chunk == 0:
-            steps = temb[i: i + chunk].unsqueeze(1)  # (c, 1, W)
+            steps = temb if chunk >= plan.steps else temb[i: i + chunk]  # (c, 1, W)
             acts = silu(cond + steps, inplace=True)  # (c, passes * R, W): SiLU(cond + temb) per step
-            stats[i: i + chunk] = torch.baddbmm(w.ada_b, acts, w.ada_wt.expand(len(acts), -1, -1)).split(1)
+            stats[i: i + chunk] = torch.baddbmm(w.ada_b, acts, w.ada_weight_batch(len(acts))).split(1)
         step_stats = stats[i][:, :rows] if truncated else stats[i]  # the conditional pass only
         out = head_forward_rows(w, x, None, passes, ada_stats=step_stats)
         x = guided_step(out, x, noises[i], coef, scales, i, guide=GUIDE_NONE if truncated else plan.guide,
@@ -466,10 +475,23 @@ def patchify(canvas: torch.Tensor, patch: int) -> torch.Tensor:
     return t.reshape(*lead, (H // patch) * (W // patch), patch * patch * C)
 
 
+_row_index: dict = {}
+
+
+def batch_rows(B: int, device) -> torch.Tensor:
+    """(B, 1) int64 [[0], [1], ...]: the batch index that pairs with (B, n) token ids; one per
+    (B, device), read-only (a normal tensor, usable in and out of inference mode)."""
+    key = (B, str(device))
+    rows = _row_index.get(key)
+    if rows is None:
+        with torch.inference_mode(False):
+            rows = _row_index[key] = torch.arange(B, device=device).unsqueeze(1)
+    return rows
+
+
 def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """tokens (..., B, L, P) at ids (B, n) -> (..., B, n, P)."""
-    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
-    return tokens[..., rows, ids, :]
+    return tokens[..., batch_rows(ids.shape[0], ids.device), ids, :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,12 +547,16 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
     B, n = z.shape[0] // passes, z.shape[1]
     ids = _check_pred_ids(pred_ids, B, n, passes)
     P = w.token_dim
-    if noise.dim() == 4:
+    noise_canvas = noise.dim() == 4
+    if noise_canvas:
         if ids is None:
             raise ValueError("noise is a canvas (B, C, H, W): pass pred_ids to gather the predicted tokens")
+        C, Hc, Wc = noise.shape[1:]
+        if noise.shape[0] != B or C * w.patch * w.patch != P or Hc % w.patch or Wc % w.patch:
+            raise ValueError(f"noise canvas has shape {tuple(noise.shape)}; expected (B, C, H, W) with B = {B}, "
+                             f"p*p*C = P = {P} and H, W multiples of the patch {w.patch}")
         canvas_shape = tuple(noise.shape) if canvas_shape is None else tuple(canvas_shape)
-        noise = gather_tokens(patchify(noise, w.patch), ids)
-    if tuple(noise.shape) != (B, n, P):
+    elif tuple(noise.shape) != (B, n, P):
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected (B, n, P) = {(B, n, P)} to match z "
                          f"{tuple(z.shape)} with {passes} guidance pass(es) and the head's P = p*p*C = {P}")
     if z.shape[2] != w.cond_dim:
@@ -544,7 +570,12 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
                              "(or noise as the canvas)")
         if tuple(canvas_shape[:1]) != (B,) or canvas_shape[1] * w.patch * w.patch != P:
             raise ValueError(f"canvas_shape {tuple(canvas_shape)} does not match B = {B} and P = {P}")
-        noise_steps = draw_step_noise(canvas_shape, draws, w.patch, ids, generator, noise.dtype, device)
+        drawn = draw_step_canvases(canvas_shape, draws, generator, noise.dtype, device)
+        # one patchify and one gather for the initial noise and every step's draw
+        gathered = gather_tokens(patchify(torch.stack([noise, *drawn] if noise_canvas else drawn), w.patch), ids)
+        noise, noise_steps = (gathered[0], gathered[1:]) if noise_canvas else (noise, gathered)
+    elif noise_canvas:
+        noise = gather_tokens(patchify(noise, w.patch), ids)
 
     backend = backends.resolve(OP, device)
     use_graphs = bool(cuda_graphs) and device.type == "cuda" and not torch.compiler.is_compiling()
@@ -554,6 +585,8 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
     plan = LoopPlan(len(host_t), guide, renorm, trunc_step, group_len, group_stride)
     scales = guidance_scales(scale_values, device)
 
+    # x is the loop's state; a kernel updates it in place, so it must not be the caller's tensor
+    own_x = noise_canvas or n_pad != n
     x = _pad_tokens(noise, n_pad).reshape(1, B * n_pad, P)
     z_rows = _pad_tokens(z, n_pad)
     step_noise = [None] * plan.steps
@@ -567,8 +600,9 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
         with torch.no_grad():
             temb = loop_time_embedding(head, w, head_t)
             cond = condition_projection(head, z_rows).reshape(1, passes * B * n_pad, w.width)
-            out = denoise_loop(w, plan, x.clone() if steps_in_place(backend, x) else x, cond, temb, step_noise, coef,
-                               scales, backend=backend)
+            in_place = steps_in_place(backend, x) and not own_x
+            out = denoise_loop(w, plan, x.clone() if in_place else x, cond, temb, step_noise, coef, scales,
+                               backend=backend)
     out = out.reshape(B, n_pad, P)
     return out if n_pad == n else out[:, :n]
 
@@ -584,12 +618,10 @@ def _check_pred_ids(pred_ids, B: int, n: int, passes: int):
     return ids[:B]
 
 
-def draw_step_noise(canvas_shape, draws, patch, ids, generator, dtype, device):
-    """The DDPM noise of every step that draws, canvas-shaped as the reference draws it and in its
-    order, gathered at the predicted tokens: (draw count, B, n, P)."""
-    canvases = [torch.randn(tuple(canvas_shape), generator=generator, device=device, dtype=dtype)
-                for d in draws if d]
-    return gather_tokens(patchify(torch.stack(canvases), patch), ids)
+def draw_step_canvases(canvas_shape, draws, generator, dtype, device) -> list[torch.Tensor]:
+    """The DDPM noise of every step that draws, canvas-shaped (B, C, H, W) as the reference draws
+    it and in its order (the caller gathers the predicted tokens)."""
+    return [torch.randn(tuple(canvas_shape), generator=generator, device=device, dtype=dtype) for d in draws if d]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,7 +641,7 @@ class _CapturedLoop:
         passes, rows = plan.passes, x.shape[1]
 
         def body():
-            temb = time_embedding(head, self.t_in)
+            temb = time_embedding(head, self.t_in).unsqueeze(1)
             cond = condition_projection(head, self.z_in).reshape(1, passes * rows, w.width)
             self.x_work.copy_(self.x_in)
             return denoise_loop(w, plan, self.x_work, cond, temb, self.noise_in, self.coef_in, self.scales_in,
