@@ -15,10 +15,12 @@ state dict are never touched. What changes:
 | per AR step, the K-step head loop                   | head on the whole canvas, K x   | ``denoise_tokens`` on the predicted tokens (CUDA graphs on a GPU) |
 | the spatial encoder's last block                    | every token                     | queries, MLP and final norm only at the tokens the head reads |
 | ``image_encoder.add_pos_embed``                     | sin-cos table built per call    | the table built once per (width, grid, device, dtype) |
+| the AR loop of a frame (``generate_frame``)         | canvas image rebuilt per AR step | canvas kept as tokens, predicted tokens written in place |
 
-The last two (and the mask) hook the model-level methods of ``nova_fast.reference.NOVAModel``
-(``denoise_step_tokens``, ``spatial_features``, ``temporal_attention_mask``) where the model has
-them; a model with only the released module layout gets the module-level patches.
+The head loop, the last block, the frame loop (and the mask) hook the model-level methods of
+``nova_fast.reference.NOVAModel`` (``denoise_step_tokens``, ``spatial_features``, ``generate_frame``,
+``temporal_attention_mask``) where the model has them; a model with only the released module
+layout gets the module-level patches.
 
 Backend: ``backend="auto"`` leaves each op's choice to ``nova_fast.backends`` (auto / set_backend /
 NOVA_FAST_BACKEND). An explicit backend runs every op that implements it on it, while the model
