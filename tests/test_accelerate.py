@@ -118,7 +118,9 @@ def test_spatial_encoder_read_at_tokens_equals_full_encoder(tiny):
 
 
 def test_fewer_dispatched_ops_per_frame(tiny):
-    """The op counter the bench reports; the 3x target lives in the benchmark, this bounds a regression."""
+    """The op counter the bench reports; the 3x target lives in the benchmark (tiny: 4 denoising
+    steps, batch 1), this bounds a regression on the test's own sizes (3 steps, batch 2: 2.8x
+    measured when written)."""
     from bench.case import count_dispatched_ops
 
     model, text = tiny
@@ -126,7 +128,7 @@ def test_fewer_dispatched_ops_per_frame(tiny):
     _gen(fast, text)
     ref_ops = count_dispatched_ops(lambda: _gen(model, text))
     fast_ops = count_dispatched_ops(lambda: _gen(fast, text))
-    assert fast_ops * 1.5 < ref_ops, (ref_ops, fast_ops)
+    assert fast_ops * 2.6 < ref_ops, (ref_ops, fast_ops)
 
 
 # ---------------------------------------------------------------- Triton under the interpreter
