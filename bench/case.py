@@ -47,20 +47,8 @@ def median_time(fn: Callable[[], Any], *, min_runs: int = 5, max_runs: int = 50,
 
 
 def count_dispatched_ops(fn: Callable[[], Any]) -> int:
-    """Number of ATen ops ``fn()`` dispatches, view ops included (on a GPU those launch nothing;
-    every other op is a kernel launch or more)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class _Counter(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            _Counter.count += 1
-            return func(*args, **(kwargs or {}))
-
-    with _Counter():
-        fn()
-    return _Counter.count
+    """Number of ATen ops ``fn()`` dispatches (see ``count_ops_by_stage``)."""
+    return count_ops_by_stage(fn, None, {})["total"]
 
 
 def _pop_stage(running: list):
@@ -72,7 +60,8 @@ def _pop_stage(running: list):
 def count_ops_by_stage(fn: Callable[[], Any], model, stages: dict[str, str]) -> dict[str, int]:
     """ATen ops ``fn()`` dispatches, split by the stage module of ``model`` that was running
     ({stage: attribute name}, e.g. {"head": "image_decoder"}; the outermost one counts when they
-    nest) and "other" for the rest; "total" sums them. Counted like ``count_dispatched_ops``."""
+    nest) and "other" for the rest; "total" sums them. View ops count too (on a GPU those launch
+    nothing; every other op is a kernel launch or more)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     running: list[str] = []

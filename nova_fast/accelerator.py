@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from nova_fast import backends
-from nova_fast.ops.denoise_tokens import denoise_tokens
+from nova_fast.ops.denoise_tokens import batch_rows, denoise_tokens, patch_embed_matrix, tensor_version
 from nova_fast.ops.group_causal_attention import HEAD_DIMS, SUPPORTED as ATTENTION_BACKENDS, group_causal_attention
 from nova_fast.ops.modulate import modulate
 from nova_fast.ops.residual_norm import residual_norm
@@ -209,8 +209,7 @@ _qkv_views: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKe
 
 
 def _param_key(t):
-    # inference tensors (a model built under inference mode) have no version counter
-    return None if t is None else (id(t), t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device)
+    return None if t is None else (id(t), t.data_ptr(), tensor_version(t), t.dtype, t.device)
 
 
 def _split_qkv(weight, bias, D: int) -> tuple:
@@ -346,11 +345,17 @@ def head_forward(self, x, timestep=None, z=None, pred_ids=None, *, denoise=None)
     return denoise_tokens(self, z, x, pred_ids=pred_ids, **denoise)
 
 
+def canvas_renorm(guidance) -> bool:
+    """Guidance renorm over the whole canvas (the released scope): its norms include the tokens not
+    being predicted, which ``denoise_tokens`` never touches, so the reference loop runs."""
+    return guidance is not None and guidance.active and guidance.guidance_renorm < 1 and guidance.renorm_scope == "canvas"
+
+
 @_scoped
 def denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator=None):
     """NOVAModel.denoise_step_tokens through denoise_tokens: (B, L, P) canvas tokens, zero except at
     the predicted positions (the caller keeps only those)."""
-    if guidance is not None and guidance.active and guidance.guidance_renorm < 1 and guidance.renorm_scope == "canvas":
+    if canvas_renorm(guidance):
         backends.record("denoise_tokens", "torch", "accelerate: renorm over the whole canvas is not token-local: "
                         "reference loop")
         return type(self).denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator)
@@ -363,13 +368,6 @@ def denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator
     return canvas.scatter_(1, pred_ids[:B].unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
 
 
-def patch_embed_rows(patch_embed) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder's patch-embedding Conv2d (kernel = stride = patch) as a Linear on patchified
-    tokens: weight (D, p*p*C) in patchify order (ph, pw, c), bias (D,)."""
-    conv = patch_embed.proj
-    return conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1), conv.bias
-
-
 @_scoped
 def generate_frame(self, prefix, schedule, state, scheduler, guidance, generator=None):
     """NOVAModel.generate_frame with the canvas kept as tokens (B, L, p*p*C): the patch embedding
@@ -378,7 +376,7 @@ def generate_frame(self, prefix, schedule, state, scheduler, guidance, generator
     The RNG draws are the reference's, in its order: the token order once per video, one
     canvas-shaped normal per AR step, the DDPM draws inside ``denoise_tokens``. Canvas-scoped renorm
     runs the reference loop (see ``denoise_step_tokens``)."""
-    if guidance is not None and guidance.active and guidance.guidance_renorm < 1 and guidance.renorm_scope == "canvas":
+    if canvas_renorm(guidance):
         return type(self).generate_frame(self, prefix, schedule, state, scheduler, guidance, generator)
     c = self.config
     B, m = state["batch"], guidance.passes
@@ -390,9 +388,10 @@ def generate_frame(self, prefix, schedule, state, scheduler, guidance, generator
     known = torch.zeros(B, L, 1, dtype=torch.bool, device=dev)
     known_ids = torch.zeros(B, 0, dtype=torch.long, device=dev)
     rope_pos = self.spatial_rope_pos(m * B)
-    embed_w, embed_b = patch_embed_rows(self.image_encoder.patch_embed)
+    conv = self.image_encoder.patch_embed.proj
+    embed_w, embed_b = patch_embed_matrix(conv), conv.bias
     mask_token = self.mask_embed.mask_token.to(dtype)
-    rows, written = torch.arange(B, device=dev).unsqueeze(1), torch.ones((), dtype=torch.bool, device=dev)
+    rows, written = batch_rows(B, dev), torch.ones((), dtype=torch.bool, device=dev)
     denoise = dict(scheduler=scheduler, guidance=guidance, generator=generator,
                    cuda_graphs=self.__dict__[STATE]["cuda_graphs"])
     pos = 0

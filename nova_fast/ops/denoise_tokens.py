@@ -188,7 +188,7 @@ class HeadWeights:
         def linear(module):  # (W^T as a (1, in, out) view, bias)
             return module.weight.detach().t().unsqueeze(0), module.bias.detach()
 
-        embed = conv.weight.detach().permute(0, 2, 3, 1).reshape(width, self.token_dim)
+        embed = patch_embed_matrix(conv).detach()
         self.embed_wt, self.embed_b = embed.t().unsqueeze(0), conv.bias.detach()
         adaln = [blk.norm1 for blk in head.blocks] + [head.norm]
         self.ada_wt = torch.cat([a.proj.weight.detach() for a in adaln], 0).t().contiguous().unsqueeze(0)
@@ -211,14 +211,20 @@ class HeadWeights:
         return view
 
 
-def _version(t: torch.Tensor):
+def patch_embed_matrix(conv) -> torch.Tensor:
+    """A patch-embedding Conv2d (kernel = stride = patch) as the (D, p*p*C) matrix of a Linear on
+    tokens in patchify order (ph, pw, c)."""
+    return conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)
+
+
+def tensor_version(t: torch.Tensor):
     """The in-place version counter; inference tensors have none (they are not edited in place
     outside inference mode)."""
     return None if t.is_inference() else t._version
 
 
 def _param_version(module) -> tuple:
-    return tuple((p.data_ptr(), _version(p), p.dtype) for p in module.parameters())
+    return tuple((p.data_ptr(), tensor_version(p), p.dtype) for p in module.parameters())
 
 
 _head_cache: "weakref.WeakKeyDictionary[torch.nn.Module, HeadWeights]" = weakref.WeakKeyDictionary()
@@ -248,20 +254,26 @@ def loop_time_embedding(head, w: HeadWeights, timesteps):
     return w.temb
 
 
-_scales_cache: dict = {}
+_constants: dict = {}
+
+
+def _constant(key, build) -> torch.Tensor:
+    """A small read-only tensor shared by every call with the same key, built once (as a normal
+    tensor, usable in and out of inference mode); the cache is dropped when it reaches 256 keys."""
+    t = _constants.get(key)
+    if t is None:
+        if len(_constants) >= 256:
+            _constants.clear()
+        with torch.inference_mode(False):
+            t = _constants[key] = build()
+    return t
 
 
 def guidance_scales(values: list[float], device) -> torch.Tensor:
     """[s, s2, renorm_min] as a device tensor, one per distinct (values, device): read-only in the
     loop, so every AR step shares it instead of building and copying it again."""
-    key = (tuple(values), str(device))
-    t = _scales_cache.get(key)
-    if t is None:
-        if len(_scales_cache) >= 64:
-            _scales_cache.clear()
-        with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
-            t = _scales_cache[key] = torch.tensor(values, dtype=torch.float32).to(device)
-    return t
+    return _constant(("scales", tuple(values), str(device)),
+                     lambda: torch.tensor(values, dtype=torch.float32).to(device))
 
 
 def condition_projection(head, z):
@@ -417,7 +429,7 @@ def _tensor_key(t):
         return None
     if not torch.is_tensor(t):
         return tuple(float(v) for v in t)
-    return (id(t), tuple(t.shape), t.dtype, t.device, _version(t))
+    return (id(t), tuple(t.shape), t.dtype, t.device, tensor_version(t))
 
 
 def _scheduler_kind(scheduler) -> str:
@@ -475,18 +487,10 @@ def patchify(canvas: torch.Tensor, patch: int) -> torch.Tensor:
     return t.reshape(*lead, (H // patch) * (W // patch), patch * patch * C)
 
 
-_row_index: dict = {}
-
-
 def batch_rows(B: int, device) -> torch.Tensor:
     """(B, 1) int64 [[0], [1], ...]: the batch index that pairs with (B, n) token ids; one per
-    (B, device), read-only (a normal tensor, usable in and out of inference mode)."""
-    key = (B, str(device))
-    rows = _row_index.get(key)
-    if rows is None:
-        with torch.inference_mode(False):
-            rows = _row_index[key] = torch.arange(B, device=device).unsqueeze(1)
-    return rows
+    (B, device), read-only."""
+    return _constant(("rows", B, str(device)), lambda: torch.arange(B, device=device).unsqueeze(1))
 
 
 def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -155,9 +155,7 @@ def _modulate_math(x: Tensor, scale: Tensor, shift: Tensor, eps: float, normaliz
 
 
 def _forward_torch(x, scale, shift, normalize, eps, store_stats):
-    if not store_stats and cpu_kernels.available_for(x):
-        backends.record_path(OP, CPU_KERNEL_PATH)
-        return (torch.ops.nova_fast_cpu.modulate(x, scale, shift, eps, normalize),)
+    # the CPU kernel, where it applies, is called by ``modulate`` itself (on 2-D or 3-D inputs)
     backends.record_path(OP, aten_path(x, store_stats))
     if use_native(x, store_stats):  # small inference call: see NATIVE_MAX_ELEMENTS
         base = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps) if normalize else x

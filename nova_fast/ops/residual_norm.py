@@ -78,13 +78,17 @@ def _forward_native(x, y, weight, bias, gate, eps, out=None):
     return (result,) if out is None else (out.copy_(result),)
 
 
+def _forward_cpu_kernel(x, y, weight, bias, gate, eps, inplace: bool):
+    """The one-pass CPU kernel (csrc/cpu/adaln.cpp): one ATen op, 2-D or 3-D inputs as given."""
+    backends.record_path(OP, CPU_KERNEL_PATH)
+    kernel = torch.ops.nova_fast_cpu.residual_norm_ if inplace else torch.ops.nova_fast_cpu.residual_norm
+    return kernel(x, y, weight, bias, gate, float(eps))
+
+
 def _forward_torch(x, y, weight, bias, gate, eps, store_stats, out=None):
-    if not store_stats and cpu_kernels.available_for(x, y):
-        backends.record_path(OP, CPU_KERNEL_PATH)
-        if out is x:
-            return torch.ops.nova_fast_cpu.residual_norm_(x, y, weight, bias, gate, eps),
-        result = torch.ops.nova_fast_cpu.residual_norm(x, y, weight, bias, gate, eps)
-        return (result,) if out is None else (out.copy_(result),)
+    if not store_stats and cpu_kernels.available_for(x, y):  # reached here from the compiled in-place op
+        result = _forward_cpu_kernel(x, y, weight, bias, gate, eps, inplace=out is x)
+        return (result,) if out is None or out is x else (out.copy_(result),)
     backends.record_path(OP, aten_path(y, store_stats))
     if use_native(y, store_stats):
         return _forward_native(x, y, weight, bias, gate, eps, out)
@@ -234,10 +238,7 @@ def residual_norm(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, *, gate: O
             raise ValueError(f"residual_norm(inplace=True): x is a broadcast view (strides {x.stride()}); "
                              "it cannot be written in place")
     if not (grad or compiling) and backends.resolve(OP, x.device) == "torch" and cpu_kernels.available_for(x, y):
-        # inference on CPU: one ATen op, 2-D or 3-D as given (no reshapes around it)
-        backends.record_path(OP, CPU_KERNEL_PATH)
-        kernel = torch.ops.nova_fast_cpu.residual_norm_ if inplace else torch.ops.nova_fast_cpu.residual_norm
-        return kernel(x, y, weight, bias, gate, float(eps))
+        return _forward_cpu_kernel(x, y, weight, bias, gate, eps, inplace)  # no reshapes around it
     x3, y3, gate3 = as_3d(x), as_3d(y), (None if gate is None else as_3d(gate))
     if inplace:
         if compiling:
