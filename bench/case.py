@@ -89,6 +89,17 @@ def count_ops_by_stage(fn: Callable[[], Any], model, stages: dict[str, str]) -> 
     return counts
 
 
+def traffic_metrics(eager_bytes: int, fused_bytes: int, eager_passes: int, first_call_s: float | None = None) -> dict:
+    """The memory-bound argument of a fused elementwise op in the suites' one format: bytes one call
+    moves in the eager composition and in the fused op, their ratio, the passes, and the torch
+    backend's first-call (build / compile) time when it was measured."""
+    out = {"bytes_eager": eager_bytes, "bytes_fused": fused_bytes, "bytes_ratio": round(eager_bytes / fused_bytes, 2),
+           "eager_passes": eager_passes, "fused_passes": 1}
+    if first_call_s is not None:
+        out["torch_first_call_s"] = round(first_call_s, 3)
+    return out
+
+
 def bench_device():
     """Where the suites run: the GPU when one is visible, else the CPU."""
     import torch

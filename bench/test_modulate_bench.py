@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import nova_fast
-from bench.case import BenchCase, backend_impls, bench_device, first_call_seconds
+from bench.case import BenchCase, backend_impls, bench_device, first_call_seconds, traffic_metrics
 
 COMPILE_S: dict[str, float] = {}
 
@@ -51,11 +51,7 @@ def _metrics(name, B, L, D, dtype, normalize, n_stats):
         S = X              # per-token statistics: scale and shift are (B, L, D) each
         eager = (2 * X if normalize else 0) + 2 * S + (2 * X + S) + (2 * X + S)
         fused = X + 2 * S + X
-        out = {"bytes_eager": eager, "bytes_fused": fused, "bytes_ratio": round(eager / fused, 2),
-               "eager_passes": 4 if normalize else 3, "fused_passes": 1}
-        if name in COMPILE_S:
-            out["torch_first_call_s"] = round(COMPILE_S[name], 3)
-        return out
+        return traffic_metrics(eager, fused, 4 if normalize else 3, COMPILE_S.get(name))
     return metrics
 
 

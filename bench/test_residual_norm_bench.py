@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import nova_fast
-from bench.case import BenchCase, backend_impls, bench_device, first_call_seconds, with_backend
+from bench.case import BenchCase, backend_impls, bench_device, first_call_seconds, traffic_metrics, with_backend
 
 COMPILE_S: dict[str, float] = {}
 
@@ -52,11 +52,7 @@ def _metrics(name, B, L, D, dtype, gated):
         X = B * L * D * torch.empty((), dtype=dtype).element_size()  # one (B, L, D) tensor
         eager = 2 * X + (3 * X if gated else 0) + 3 * X  # layer_norm, [gate *], x +
         fused = (4 if gated else 3) * X
-        out = {"bytes_eager": eager, "bytes_fused": fused, "bytes_ratio": round(eager / fused, 2),
-               "eager_passes": 3 if gated else 2, "fused_passes": 1}
-        if name in COMPILE_S:
-            out["torch_first_call_s"] = round(COMPILE_S[name], 3)
-        return out
+        return traffic_metrics(eager, fused, 3 if gated else 2, COMPILE_S.get(name))
     return metrics
 
 
