@@ -348,7 +348,8 @@ def head_forward(self, x, timestep=None, z=None, pred_ids=None, *, denoise=None)
 def canvas_renorm(guidance) -> bool:
     """Guidance renorm over the whole canvas (the released scope): its norms include the tokens not
     being predicted, which ``denoise_tokens`` never touches, so the reference loop runs."""
-    return guidance is not None and guidance.active and guidance.guidance_renorm < 1 and guidance.renorm_scope == "canvas"
+    return (guidance is not None and guidance.active and guidance.guidance_renorm < 1
+            and guidance.renorm_scope == "canvas")
 
 
 @_scoped

@@ -4,14 +4,14 @@
 //
 // out holds the head's m passes stacked (pass j at j * num_groups * group_stride); x, noise and the
 // result hold num_groups * group_stride elements. A renorm group is the first group_len elements of
-// each group_stride (the rest: bucket padding, left as it is). The step is written into x in place: each
-// element is read before it is written, by the same iteration. coef is the (K, 8) fp32 table, row
-// `step` read here (no host round trip, no per-coefficient select op); scales = {s, s2, renorm_min}.
+// each group_stride (the rest: bucket padding, left as it is). The step is written into x in place:
+// each element is read before it is written, by the same iteration. coef is the (K, 8) fp32 table,
+// row `step` read here (no host round trip, no per-coefficient select op); scales = {s, s2,
+// renorm_min}.
 //   g  = o0 (none) | o1 + s (o0 - o1) (cfg, stg) | o1 + s (o0 - o2) (image)
 //   g *= clamp(|o0| / |g|, renorm_min, 1) over the group (renorm)
 //   g += s2 (o2 - o1) (image) | s2 (o0 - o2) (stg)
 //   x' = c3 (c0 x + c1 g) / c2 + c4 x + c5 noise
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "rows.h"
@@ -92,11 +92,13 @@ at::Tensor& guided_step_(const at::Tensor& out, at::Tensor& x, const c10::option
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.is_contiguous() && coef.dim() == 2 && coef.size(1) == 8 &&
                   step >= 0 && step < coef.size(0),
               "nova_fast_cpu::guided_step_: coef must be a contiguous (K, 8) fp32 table and 0 <= step < K");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == 3, "nova_fast_cpu::guided_step_: scales must be 3 fp32");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == 3,
+              "nova_fast_cpu::guided_step_: scales must be 3 fp32");
   const float* c = coef.data_ptr<float>() + step * 8;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nova_fast_cpu::guided_step_", [&] {
     guided_step_groups<scalar_t>(out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                 noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, c, scales.data_ptr<float>(), guide, renorm, x.numel() / group_stride, group_len,
+                                 noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, c,
+                                 scales.data_ptr<float>(), guide, renorm, x.numel() / group_stride, group_len,
                                  group_stride);
   });
   return x;

@@ -19,8 +19,9 @@ math on the n tokens only:
 
 Backends for the fused step (``nova_fast.backends``, op name ``denoise_tokens``): ``torch`` (on
 CPU tensors the one-pass kernel ``torch.ops.nova_fast_cpu.guided_step_`` of
-csrc/cpu/denoise_step.cpp, in place; otherwise ``guided_step_torch``), ``triton`` (``nova_fast.kernels.denoise_step``), ``cuda``
-(``nova_fast._C.denoise_guided_step``, csrc/denoise_step.cu). The adaLN ops dispatch themselves.
+csrc/cpu/denoise_step.cpp, in place; otherwise ``guided_step_torch``), ``triton``
+(``nova_fast.kernels.denoise_step``), ``cuda`` (``nova_fast._C.denoise_guided_step``,
+csrc/denoise_step.cu). The adaLN ops dispatch themselves.
 The step is also the ``torch.library`` op ``nova_fast::denoise_guided_step`` (fake kernel
 registered; inference only, no autograd formula). The whole op is inference-only (no_grad).
 
@@ -245,10 +246,11 @@ def time_embedding(head, timesteps):
 
 
 def loop_time_embedding(head, w: HeadWeights, timesteps):
-    """``time_embedding`` of a scheduler table's timesteps as (K, 1, W), kept on the head's loop weights: every
-    AR step of a generation denoises over the same K timesteps (the table's tensor, cached on the
-    scheduler), so it is computed once, not once per AR step. The weights object is rebuilt when
-    a parameter changes, which drops it; the table is held, so its identity cannot be reused."""
+    """``time_embedding`` of a scheduler table's timesteps as (K, 1, W), kept on the head's loop
+    weights: every AR step of a generation denoises over the same K timesteps (the table's tensor,
+    cached on the scheduler), so it is computed once, not once per AR step. The weights object is
+    rebuilt when a parameter changes, which drops it; the table is held, so its identity cannot be
+    reused."""
     if w.temb_for is not timesteps:
         w.temb, w.temb_for = time_embedding(head, timesteps).unsqueeze(1), timesteps
     return w.temb
@@ -307,8 +309,9 @@ def head_forward_rows(w: HeadWeights, x_rows, act_rows, passes: int, ada_stats=N
 
 def denoise_loop(w: HeadWeights, plan: "LoopPlan", x, cond, temb, noises, coef, scales, *, backend: str):
     """The K steps on token rows. x (1, B * n_stride, P) is the initial sample (updated in place
-    by the kernels: see ``steps_in_place``); cond (1, passes * B * n_stride, W); temb (K, 1, W); noises: K entries, a
-    (1, B * n_stride, P) tensor or None. Returns the final sample (1, B * n_stride, P)."""
+    by the kernels: see ``steps_in_place``); cond (1, passes * B * n_stride, W); temb (K, 1, W);
+    noises: K entries, a (1, B * n_stride, P) tensor or None. Returns the final sample
+    (1, B * n_stride, P)."""
     rows = x.shape[1]
     in_place = steps_in_place(backend, x)
     silu = torch.nn.functional.silu
@@ -604,8 +607,8 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
         with torch.no_grad():
             temb = loop_time_embedding(head, w, head_t)
             cond = condition_projection(head, z_rows).reshape(1, passes * B * n_pad, w.width)
-            in_place = steps_in_place(backend, x) and not own_x
-            out = denoise_loop(w, plan, x.clone() if in_place else x, cond, temb, step_noise, coef, scales,
+            copy_first = steps_in_place(backend, x) and not own_x
+            out = denoise_loop(w, plan, x.clone() if copy_first else x, cond, temb, step_noise, coef, scales,
                                backend=backend)
     out = out.reshape(B, n_pad, P)
     return out if n_pad == n else out[:, :n]
