@@ -9,7 +9,10 @@ Implementations: ``sdpa_dense_mask`` (baseline: ``F.scaled_dot_product_attention
 N x N additive float mask, NOVA's own path; the mask is built once in setup, outside the timing),
 ``flex_compiled`` (``torch.compile(flex_attention)`` with a block mask built from the same rule,
 also outside the timing: its build time and the first (compiling) call are in the metrics),
-``torch`` (this op's torch backend) and ``triton`` on a GPU. Forward cases also time
+``torch`` (this op's torch backend: on fp32 CPU tensors its CPU kernel,
+csrc/cpu/group_causal_attention.cpp), ``torch_aten_chunks`` (CPU, fp32: the same backend with the
+CPU kernels off, i.e. its chunked ATen flash-attention path, the one fp16 / bf16 take) and
+``triton`` on a GPU. Forward cases also time
 ``sdpa_causal_bound``: SDPA with ``is_causal=True`` on the same tensors, a different mask (not an
 answer to the problem) with about the same number of visible pairs (N^2 / 2 against the rule's
 ``pair_fraction``): how fast the dense kernel runs when it skips half the work itself, i.e. the
@@ -24,6 +27,7 @@ Run: ``pytest bench/test_group_causal_attention_bench.py --benchmark-only``.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -62,6 +66,22 @@ def peak_extra_bytes(fn) -> int:
     return peak
 
 
+def without_cpu_kernels(fn):
+    """``fn`` with the CPU kernels off (``NOVA_FAST_CPU_KERNELS=0``): the torch backend's chunked
+    ATen flash-attention path, which fp16 / bf16 and machines without the kernels run."""
+    def call():
+        saved = os.environ.get("NOVA_FAST_CPU_KERNELS")
+        os.environ["NOVA_FAST_CPU_KERNELS"] = "0"
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                del os.environ["NOVA_FAST_CPU_KERNELS"]
+            else:
+                os.environ["NOVA_FAST_CPU_KERNELS"] = saved
+    return call
+
+
 def _setup(name, groups_fn, H, D, dtype, backward):
     def setup():
         dev = bench_device()
@@ -90,6 +110,8 @@ def _setup(name, groups_fn, H, D, dtype, backward):
             impls["sdpa_causal_bound"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         fused = timed(lambda: nova_fast.group_causal_attention(q, k, v, groups))
         impls.update(backend_impls("group_causal_attention", fused, dev, candidates=("torch", "triton")))
+        if dev.type == "cpu" and dtype == torch.float32:  # the torch backend's other path, same run
+            impls["torch_aten_chunks"] = without_cpu_kernels(impls["torch"])
         extra = EXTRA.setdefault(name, {"dense_mask_MiB": round(mask.numel() * mask.element_size() / 2**20, 1),
                                         "output_MiB": round(q.numel() * q.element_size() / 2**20, 1)})
         try:
@@ -149,7 +171,7 @@ CASES = [
           backward=True, quick=False),
 ]
 
-_IMPLS = ("sdpa_dense_mask", "sdpa_causal_bound", "flex_compiled", "torch", "triton")
+_IMPLS = ("sdpa_dense_mask", "sdpa_causal_bound", "flex_compiled", "torch", "torch_aten_chunks", "triton")
 
 
 @pytest.mark.parametrize("impl", _IMPLS)

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("adaln.cpp", "denoise_step.cpp")
+SOURCES = ("adaln.cpp", "denoise_step.cpp", "group_causal_attention.cpp")
 HEADERS = ("rows.h",)
 
 _lock = threading.Lock()

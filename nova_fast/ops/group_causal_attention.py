@@ -18,14 +18,24 @@ Without groups the call is plain bidirectional attention: flash-attn on CUDA whe
 (fp16/bf16), else ``F.scaled_dot_product_attention``: the lean path NOVA's generation uses.
 
 Unsorted groups (random sets) are made contiguous first: a stable sort by group (per batch row for
-(B, N) groups) permutes q (and k, v), the sorted problem is solved, and the output is permuted back.
-In the sorted problem the keys a query group sees are a prefix of the keys, which both backends use:
+(B, N) groups) orders the queries (and keys), the sorted problem is solved, and the output goes back
+to the caller's token order. In the sorted problem the keys a query sees are a prefix of the keys
+(the first ``searchsorted(k_groups, its group)``), which every backend uses:
 
-- ``torch``: for each distinct query group g, attention of its queries over the key prefix with
-  group <= g (a view, no copy, no mask), so the work is exactly the visible pairs. On CPU this is
-  ATen's flash-attention kernel for CPU (``_scaled_dot_product_flash_attention_for_cpu``, its
-  forward returns the log-sum-exp and its backward takes it), memory O(N) beyond the inputs. On
-  other devices, the same per-group loop in explicit fp32 math (a fallback: (group x prefix) scores).
+- ``torch`` on fp32 CPU tensors: the CPU kernel ``csrc/cpu/group_causal_attention.cpp``
+  (``torch.ops.nova_fast_cpu.group_causal_attention_out``, built on first use like the other CPU
+  kernels): a flash-attention loop over blocks of 64 sorted queries and 512-key tiles, each block
+  over the keys its last row sees, the tiles past its first row's prefix clipped per row. The sort
+  is fused into its loads and stores (it reads q, k, v and writes the output in the caller's token
+  order), the mask comes from the prefix lengths, and it returns the log-sum-exp the backward takes.
+- ``torch`` otherwise (fp16 / bf16 on CPU, the CPU kernels off or not built, other devices):
+  queries of consecutive groups in chunks of at least ``CHUNK_QUERIES``, each over the keys all its
+  rows see (a prefix view, no mask) and its own key range (a small chunk x range mask), merged
+  through their log-sum-exps. On CPU each call is ATen's flash-attention kernel for CPU
+  (``_scaled_dot_product_flash_attention_for_cpu``: its forward returns the log-sum-exp and its
+  backward takes it); elsewhere explicit fp32 math. The backward always takes this path.
+  ``backend_info()["last_used"]["group_causal_attention"]["path"]`` says which ran and why.
+  Either way memory is O(N) beyond the inputs.
 - ``triton``: ``nova_fast.kernels.group_causal_attention``: FlashAttention-2 forward and backward
   that derive the mask from the group ids in registers and skip key tiles no query of the tile
   sees. :func:`attention_work` reports the tiles it visits.
@@ -42,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nova_fast import backends
+from nova_fast import backends, cpu_kernels
 from nova_fast.ops._checks import FLOAT_DTYPES, check_last_dim_unit_stride, check_tensor
 
 OP = "group_causal_attention"
@@ -216,7 +226,42 @@ def _attend_backward(do, q, k, v, out, lse, scale, mask=None):
             torch.matmul(p.transpose(-1, -2), do.float()))
 
 
+# ---------------------------------------------------------------- torch backend: the CPU kernel
+CPU_KERNEL_PATH = ("CPU kernel (csrc/cpu/group_causal_attention.cpp): fp32 on CPU, mask from the group ids, "
+                   "the sort fused into its loads and stores")
+
+
+def _cpu_kernel_ready(q: Tensor) -> bool:
+    """The CPU kernel runs fp32 CPU tensors once built (cpu_kernels builds it on this first call)."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and cpu_kernels.available_for(q)
+
+
+def _chunk_path(q: Tensor) -> str:
+    """What the torch backend runs when its CPU kernel does not, and why (reported by backend_info)."""
+    if q.device.type != "cpu":
+        return "explicit fp32 math per query chunk (not CPU tensors)"
+    why = (f"{str(q.dtype).replace('torch.', '')}: the CPU kernel is fp32 only" if q.dtype != torch.float32
+           else cpu_kernels.status()[1])
+    return f"ATen flash attention for CPU per query chunk ({why})"
+
+
+def _forward_cpu_kernel(q, k, v, q_order, k_order, qg, kg, scale):
+    """(out, lse) by the CPU kernel. qg, kg: (G, N) groups in sorted order; q_order / k_order: the
+    (G, N) int64 orders that sort the caller's tokens (None: already sorted). out and lse come back
+    in the caller's token order."""
+    # keys sorted by group: the keys a query sees are the first searchsorted(kg, its group) of them
+    k_visible = torch.searchsorted(kg, qg, right=True)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    backends.record_path(OP, CPU_KERNEL_PATH)
+    torch.ops.nova_fast_cpu.group_causal_attention_out(q, k, v, q_order, k_order, k_visible, scale, out, lse)
+    return out, lse
+
+
 def _forward_torch(q, k, v, q_groups, k_groups, scale):
+    if _cpu_kernel_ready(q):
+        return _forward_cpu_kernel(q, k, v, None, None, q_groups, k_groups, scale)
+    backends.record_path(OP, _chunk_path(q))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     for bs, qg, kg, plan in _batch_rows(q_groups, k_groups):
@@ -402,20 +447,26 @@ def group_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor | N
 
     q_order = None if _is_sorted(qg) else _sort_order(qg)
     if q_order is not None:
-        q, qg = _permute(q, q_order), torch.gather(qg, 1, q_order)
+        qg = torch.gather(qg, 1, q_order)
     if shared:
         k_order, kg = q_order, qg
     else:
         k_order = None if _is_sorted(kg) else _sort_order(kg)
         if k_order is not None:
             kg = torch.gather(kg, 1, k_order)
+
+    training = needs_autograd(q, k, v) or torch.compiler.is_compiling()
+    if not training:  # inference: no autograd bookkeeping
+        backend = backends.resolve(OP, q.device, SUPPORTED)
+        if backend == "torch" and _cpu_kernel_ready(q):  # reads and writes the caller's token order
+            return _forward_cpu_kernel(q, k, v, q_order, k_order, qg, kg, scale)[0]
+    if q_order is not None:
+        q = _permute(q, q_order)
     if k_order is not None:
         k, v = _permute(k, k_order), _permute(v, k_order)
-
-    if needs_autograd(q, k, v) or torch.compiler.is_compiling():
+    if training:
         out = group_causal_attention_op(q, k, v, qg, kg, scale)[0]
-    else:  # inference: no autograd bookkeeping
-        backend = backends.resolve(OP, q.device, SUPPORTED)
+    else:
         out = FORWARD[backend](q, k, v, qg, kg, scale)[0]
     return out if q_order is None else _permute(out, _inverse(q_order))
 
