@@ -37,8 +37,9 @@
 #include <cmath>
 #include <limits>
 
-// The Fortran BLAS entry point torch is linked with (MKL on x86 wheels, OpenBLAS elsewhere).
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+// The Fortran BLAS entry point torch is linked with (MKL on x86 wheels, OpenBLAS elsewhere). Weak:
+// a torch built without BLAS still loads the other CPU kernels, and this one says why it cannot run.
+extern "C" __attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
 
@@ -215,6 +216,8 @@ void check_index(const at::Tensor& t, const char* name, int64_t G, int64_t N) {
 void group_causal_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& q_order, const c10::optional<at::Tensor>& k_order,
                                 const at::Tensor& k_visible, double scale, at::Tensor& out, at::Tensor& lse) {
+  TORCH_CHECK(sgemm_ != nullptr, "group_causal_attention (CPU kernel): this torch build exports no BLAS sgemm_; "
+              "run with NOVA_FAST_CPU_KERNELS=0 for the chunked ATen path");
   for (const at::Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 && t->stride(3) == 1,
                 "group_causal_attention (CPU kernel): q, k, v must be fp32 (B, H, N, D) CPU tensors with unit "
