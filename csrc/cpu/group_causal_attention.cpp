@@ -21,8 +21,9 @@
 // so a thread gathers the sorted K and V of a head once, into its own buffers, and reuses them for
 // all that head's query blocks.
 //
-// Outputs, written whole (the caller allocates them): out (B, H, Nq, D) fp32, lse (B, H, Nq) fp32 natural-log log-sum-exp of the scaled scores
-// (the backward's input); a query that sees no key gets out = 0, lse = +inf.
+// Outputs, written whole (the caller allocates them): out (B, H, Nq, D) fp32 and lse (B, H, Nq) fp32,
+// the natural-log log-sum-exp of the scaled scores (the backward's input); a query that sees no key
+// gets out = 0, lse = +inf.
 #if defined(__AVX2__) && defined(__FMA__)
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
