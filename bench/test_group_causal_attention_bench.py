@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -70,15 +71,8 @@ def without_cpu_kernels(fn):
     """``fn`` with the CPU kernels off (``NOVA_FAST_CPU_KERNELS=0``): the torch backend's chunked
     ATen flash-attention path, which fp16 / bf16 and machines without the kernels run."""
     def call():
-        saved = os.environ.get("NOVA_FAST_CPU_KERNELS")
-        os.environ["NOVA_FAST_CPU_KERNELS"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {"NOVA_FAST_CPU_KERNELS": "0"}):
             return fn()
-        finally:
-            if saved is None:
-                del os.environ["NOVA_FAST_CPU_KERNELS"]
-            else:
-                os.environ["NOVA_FAST_CPU_KERNELS"] = saved
     return call
 
 

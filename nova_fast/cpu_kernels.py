@@ -3,7 +3,9 @@
 On CPU tensors the torch backend runs the inference forwards of ``modulate``, ``residual_norm`` and
 the denoising step (``denoise_tokens``) as hand-written one-pass loops: each row read once into
 cache, its statistics taken there, the output written once; one ATen op per call instead of the 2-8
-of the eager composition. They are registered as the ATen ops ``torch.ops.nova_fast_cpu.*`` (so the
+of the eager composition. The fp32 forward of ``group_causal_attention`` (inference and training)
+is a flash-attention loop with its mask from the group ids (group_causal_attention.cpp). They are
+registered as the ATen ops ``torch.ops.nova_fast_cpu.*`` (so the
 dispatcher, profilers and op counters see them like any other kernel).
 
 Nothing is compiled at ``import nova_fast``: the first call that wants a CPU kernel builds the

@@ -26,8 +26,7 @@ def _inputs(B, H, Nq, Nk, D, seed):
 def _call_kernel(q, k, v, q_groups, k_groups, scale):
     """The ATen op on poisoned outputs, with the orders and k_visible the op computes."""
     qg, kg = q_groups[None] if q_groups.dim() == 1 else q_groups, k_groups[None] if k_groups.dim() == 1 else k_groups
-    q_order = torch.sort(qg, dim=1, stable=True).indices
-    k_order = torch.sort(kg, dim=1, stable=True).indices
+    q_order, k_order = gca._sort_order(qg), gca._sort_order(kg)
     qs, ks = torch.gather(qg, 1, q_order), torch.gather(kg, 1, k_order)
     out = poison_like(q)
     lse = torch.full(q.shape[:3], float("nan"))
@@ -45,6 +44,9 @@ CASES = {
     "own group each (causal), 130": lambda g: (1, 2, 130, 130, torch.randperm(130, generator=g).int(), None),
     "kv cache 70 over 1100, unsorted, empty rows": lambda g: (
         1, 2, 70, 1100, torch.randint(-1, 4, (70,), generator=g).int(), torch.randint(0, 4, (1100,), generator=g).int()),
+    # rows 0-99 see no key: the first 64-row block sees none at all, the second is half blind
+    "whole blind block": lambda g: (1, 2, 130, 200, torch.cat([torch.full((100,), -1), torch.zeros(30)]).int()[
+        torch.randperm(130, generator=g)], torch.zeros(200, dtype=torch.int32)),
     "per-batch groups": lambda g: (2, 2, 150, 150, torch.stack([random_set_groups(150, 9, g),
                                                                 torch.randint(-1, 3, (150,), generator=g).int()]), None),
 }

@@ -128,13 +128,6 @@ void attend_block(const Problem& p, int64_t b, int64_t h, int64_t m0, Scratch& w
   float* out = p.out + (b * p.H + h) * p.Nq * D;
   float* lse = p.lse + (b * p.H + h) * p.Nq;
   auto token = [&](int64_t i) { return q_ord ? q_ord[i] : m0 + i; };
-  if (kv_end == 0) {  // no row of the block sees a key
-    for (int64_t i = 0; i < rows; ++i) {
-      std::fill_n(out + token(i) * D, D, 0.f);
-      lse[token(i)] = std::numeric_limits<float>::infinity();
-    }
-    return;
-  }
 
   // K / V rows in sorted order: the caller's tensor when already sorted, else this thread's gather.
   const float *kbase, *vbase;
@@ -196,7 +189,7 @@ void attend_block(const Problem& p, int64_t b, int64_t h, int64_t m0, Scratch& w
   }
   for (int64_t i = 0; i < rows; ++i) {
     float* dst = out + token(i) * D;
-    if (l[i] == 0.f) {  // the row saw no key at all
+    if (l[i] == 0.f) {  // the row saw no key at all (kv_end == 0: the whole block, no tile above)
       std::fill_n(dst, D, 0.f);
       lse[token(i)] = std::numeric_limits<float>::infinity();
       continue;
