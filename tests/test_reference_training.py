@@ -1,4 +1,10 @@
-"""training_losses: finite scalars, gradients reach every trained part, determinism with a generator."""
+"""training_losses: finite scalars, gradients reach every trained part, determinism with a generator;
+the head's noising follows the model's scheduler as the official training code does, checked against
+a computation written here from the formulas (DDPM forward process at integer timesteps with the
+epsilon target; flow matching with sigma on the 1/1000 grid of the same normal draw)."""
+import math
+
+import pytest
 import torch
 
 from nova_fast.reference import NOVAConfig, build_model, random_text_states
@@ -29,19 +35,21 @@ def test_video_losses_and_gradients():
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
-def test_image_losses_epsilon_target():
+def test_image_losses_target_follows_the_scheduler():
     torch.manual_seed(0)
     cfg = NOVAConfig.preset("tiny").replace(video_base_size=(1, 2, 3), video_mixer_rank=None,
                                             scheduler=dict(FLOW_IMAGE_SCHEDULER))
     model = build_model(cfg)
     g = torch.Generator().manual_seed(0)
     text = random_text_states(cfg, 2, g)
-    for target in ("flow", "epsilon"):
+    for target in (None, "flow"):
         losses = model.training_losses(torch.randn(2, 4, 8, 12, generator=g), text, generator=g,
                                        prediction_type=target)
         assert set(losses) == {"loss"} and torch.isfinite(losses["loss"]) and losses["loss"] > 0
         losses["loss"].backward()
     assert model.image_decoder.head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="prediction_type='epsilon' differs from the model's flow scheduler"):
+        model.training_losses(torch.randn(2, 4, 8, 12, generator=g), text, generator=g, prediction_type="epsilon")
 
 
 def test_mask_ratio_is_truncated_normal():
@@ -49,3 +57,124 @@ def test_mask_ratio_is_truncated_normal():
     draws = torch.tensor([truncated_normal(1.0, 0.25, 0.7, 1.0, generator=g) for _ in range(2000)])
     assert draws.min() >= 0.7 and draws.max() <= 1.0
     assert 0.85 < draws.mean() < 0.9  # mean of N(1, 0.25) truncated to [0.7, 1] is about 0.873
+
+
+# ---------------------------------------------------------------- the head's noising, from the formulas
+def _cosine_alphas_cumprod(n: int) -> torch.Tensor:
+    """Glide's cosine schedule: beta_i = min(1 - f((i+1)/n) / f(i/n), 0.999), f(t) = cos((t+0.008)/1.008 pi/2)^2."""
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    betas = torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def _expected_noising(kind, x0, g, shift=1.0):
+    """Replays the generator after the spatial draws: noise, then the per-token draw. float64."""
+    noise = torch.randn(x0.shape, generator=g).double()
+    if kind == "ddpm":
+        t = torch.randint(0, 1000, x0.shape[:2], generator=g)
+        abar = _cosine_alphas_cumprod(1000)[t].unsqueeze(-1)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t.double(), noise
+    n = torch.randn(x0.shape[:2], generator=g)
+    s = 1 - torch.floor(1000 * torch.sigmoid(n)).double() / 1000  # the official 1/1000 grid
+    sigma = (shift * s / (1 + (shift - 1) * s)).unsqueeze(-1)
+    return sigma * noise + (1 - sigma) * x0, sigma.squeeze(-1) * 1000, noise - x0
+
+
+def _loss_from_formulas(model, latents, text, seed, kind, shift=1.0):
+    """The model's losses, and losses computed here: the spatial-encoder output z is taken from the
+    model's head call; noise, timesteps, target, masking and frame weights are recomputed from the
+    formulas and the head is run on them."""
+    from nova_fast.reference.layers import patchify, unpatchify
+
+    seen = {}
+
+    def grab(module, args):
+        seen["x"], seen["t"], seen["z"] = args[0].detach(), args[1].detach(), args[2]
+
+    handle = model.image_decoder.register_forward_pre_hook(grab)
+    try:
+        losses = model.training_losses(latents, text, generator=torch.Generator().manual_seed(seed))
+    finally:
+        handle.remove()
+    B, C, T, H, W = latents.shape
+    L, p = model.config.spatial_tokens, model.patch
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(B * T, L, generator=g).argsort(1)      # the per-frame token order
+    ratio = truncated_normal(1.0, 0.25, 0.7, 1.0, generator=g)  # the batch's mask ratio
+    masked = torch.ones(B * T, L, dtype=torch.float64).scatter_(1, order[:, : int(round((1 - ratio) * L))], 0.0)
+    x0 = patchify(latents.transpose(1, 2).reshape(B * T, C, H, W), p).repeat(4, 1, 1).double()
+    x_t, timestep, target = _expected_noising(kind, x0, g, shift)
+    pred = model.image_decoder(unpatchify(x_t.float(), p, (C, H, W)), timestep.float(), seen["z"])
+    per_token = (pred.double() - target).pow(2).mean(-1) * masked.repeat(4, 1)
+    per_token = per_token / (masked.sum() * 4 + 1e-5)
+    if T == 1:
+        own = {"loss": per_token.sum()}
+    else:
+        per_frame = per_token.reshape(4, B, T, L).sum((0, 1, 3))
+        own = {"loss_t2i": per_frame[0] * T, "loss_i2i": per_frame[1:].sum() * T / (T - 1)}
+        own["loss"] = own["loss_t2i"] + own["loss_i2i"]
+    return losses, seen, own, unpatchify(x_t, p, (C, H, W)), timestep
+
+
+def _check_against_formulas(model, latents, text, seed, kind, shift=1.0):
+    losses, seen, own, x_t, timestep = _loss_from_formulas(model, latents, text, seed, kind, shift)
+    torch.testing.assert_close(seen["x"].double(), x_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen["t"].double(), timestep, rtol=0, atol=1e-3 if kind == "flow" else 0)
+    if kind == "ddpm":
+        assert seen["t"].dtype == torch.int64  # the integer timestep is what the head is fed
+    assert set(losses) == set(own)
+    for k in own:
+        torch.testing.assert_close(losses[k].double(), own[k], rtol=1e-5, atol=1e-7, msg=k)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    want = torch.autograd.grad(own["loss"], params, retain_graph=True, allow_unused=True)
+    got = torch.autograd.grad(losses["loss"], params, allow_unused=True)
+    compared = 0
+    for (name, _), w, g_ in zip(named, want, got):
+        if w is None and g_ is None:
+            continue
+        torch.testing.assert_close(g_.double(), w.double(), rtol=1e-4, atol=1e-6, msg=f"grad {name}")
+        compared += 1
+    assert compared > 40  # encoders and head alike
+
+
+def test_ddpm_training_follows_the_forward_process():
+    """The tiny preset is a DDPM / epsilon video model, as the released video checkpoint."""
+    torch.manual_seed(0)
+    cfg = NOVAConfig.preset("tiny")
+    assert cfg.scheduler["_class_name"] == "DDPMScheduler" and cfg.scheduler["prediction_type"] == "epsilon"
+    model = build_model(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    text = random_text_states(cfg, 2, g)
+    _check_against_formulas(model, torch.randn(2, 4, 2, 8, 12, generator=g), text, 5, "ddpm")
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_training_sigma_on_the_official_grid(shift):
+    torch.manual_seed(0)
+    cfg = NOVAConfig.preset("tiny").replace(video_base_size=(1, 2, 3), video_mixer_rank=None,
+                                            scheduler=dict(FLOW_IMAGE_SCHEDULER, shift=shift))
+    model = build_model(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    text = random_text_states(cfg, 2, g)
+    _check_against_formulas(model, torch.randn(2, 4, 1, 8, 12, generator=g), text, 7, "flow", shift)
+
+
+def test_flow_sigma_grid_differs_from_the_plain_sigmoid():
+    """The grid matters per draw: the same normal draw gives 1 - floor(1000 s)/1000, not 1 - s."""
+    from nova_fast.reference.schedulers import FlowMatchEulerScheduler, training_noise
+
+    x0 = torch.zeros(64, 3, 2)
+    _, timestep, _ = training_noise(FlowMatchEulerScheduler(), x0, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    torch.randn(x0.shape, generator=g)
+    s = torch.sigmoid(torch.randn(x0.shape[:2], generator=g))
+    torch.testing.assert_close(timestep, 1000 - torch.floor(1000 * s), rtol=0, atol=1e-3)
+    assert (timestep - 1000 * (1 - s)).abs().max() > 0.1
+
+
+def test_ddpm_training_refuses_a_target_the_official_loss_gets_wrong():
+    base = NOVAConfig.preset("tiny")
+    model = build_model(base.replace(scheduler=dict(base.scheduler, prediction_type="v_prediction"))).train()
+    with pytest.raises(ValueError, match="prediction_type='v_prediction' is not supported"):
+        model.training_losses(torch.randn(1, 4, 2, 8, 12), random_text_states(base, 1))
