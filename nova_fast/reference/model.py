@@ -82,9 +82,11 @@ class NOVAModel(nn.Module):
     def patch(self) -> int:
         return self.config.image_patch
 
-    def set_scheduler(self, scheduler_config: dict) -> None:
+    def set_scheduler(self, scheduler_config: dict, source: str = "set_scheduler()") -> None:
+        """Replace the scheduler; ``scheduler_source`` records where it came from."""
         self.config.scheduler = dict(scheduler_config)
         self.scheduler = scheduler_from_config(scheduler_config)
+        self.scheduler_source = source
 
     # ---- conditions ------------------------------------------------------------------------------
     def encode_condition(self, text_states=None, labels=None, *, unconditional: bool = False, batch: int = None,
