@@ -147,7 +147,8 @@ def test_missing_scheduler_config_can_be_refused_or_supplied(tmp_path, tiny, rec
 def test_class_named_only_by_model_index_is_a_guess(tmp_path, tiny):
     model, _ = tiny
     _saved_without_scheduler(tmp_path, model)
-    (tmp_path / "model_index.json").write_text(json.dumps({"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    index = {"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.warns(SchedulerGuessWarning, match="model_index.json names FlowMatchEulerDiscreteScheduler but there is no"):
         loaded = load_pretrained(tmp_path)
     assert loaded.scheduler.kind == "flow" and "guessed" in loaded.scheduler_source
