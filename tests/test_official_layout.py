@@ -398,3 +398,29 @@ def test_against_the_official_package():
     for x in (torch.randn(1, 3, WIDTH), torch.randn(1, 4, WIDTH)):
         torch.testing.assert_close(mine(x), real_attn(x))
     assert real_attn.cache_kv[0].shape == mine.cache_kv[0].shape == (1, 2, 7, WIDTH // 2)
+
+
+def test_the_suggested_way_loads_an_official_folder(tmp_path):
+    """Runs only where diffnext imports: what the refusal suggests works. A folder written by the
+    official code (diffusers save_pretrained / save_config) loads with load_pretrained to the same
+    weights, and that model accelerates."""
+    _official()
+    from diffnext.schedulers.scheduling_ddpm import DDPMScheduler
+    from test_reference_training import _official_tiny
+
+    from nova_fast.reference import load_pretrained
+
+    torch.manual_seed(0)
+    official = _official_tiny(NOVAConfig.preset("tiny"))
+    official.save_pretrained(str(tmp_path / "transformer"))
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_config(str(tmp_path / "scheduler"))
+    with pytest.raises(OfficialModelUnsupported):
+        nova_fast.accelerate(official)
+    loaded = load_pretrained(tmp_path, require_scheduler=True)
+    assert loaded.scheduler_source == f"DDPMScheduler from {tmp_path / 'scheduler' / 'scheduler_config.json'}"
+    want = official.state_dict()
+    assert set(loaded.state_dict()) == set(want)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, want[key]), key
+    nova_fast.accelerate(loaded)
+    assert is_accelerated(loaded)
