@@ -73,6 +73,107 @@ class LayoutMismatch(ValueError):
     """The model does not have the released NOVA module layout; the message names the first miss."""
 
 
+class OfficialModelUnsupported(LayoutMismatch):
+    """The model is the official NOVA code's (package ``diffnext``) or follows its forward
+    signatures, norms or KV-cache protocol, which the patches do not implement (docs/official_layout.md)."""
+
+
+# Methods of nova_fast.reference.NOVAModel that accelerate() replaces on a model that has them.
+_PATCHED_MODEL_METHODS = ("temporal_attention_mask", "spatial_features", "denoise_step_tokens", "generate_frame",
+                          "generate_video", "training_losses")
+
+
+def _param_names(fn) -> list:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"]
+
+
+def _indices(ids: list) -> str:
+    return f"{ids[0]}..{ids[-1]}" if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)) else \
+        ", ".join(map(str, ids))
+
+
+def official_layout_differences(model: torch.nn.Module) -> list:
+    """What makes ``model`` the official NOVA code's rather than nova_fast's layout, one line each:
+    classes from the ``diffnext`` package; encoders whose forward takes ``pos=``; encoder blocks that
+    take the RoPE as ``pe_func``; attention that keeps its own KV cache (``attn.cache_kv``,
+    ``enable_kvcache``) or reads a mask set on the module; AdaLN-Zero norms that keep eps in a
+    ``.norm`` submodule; an ``nn.Identity`` mixer; model methods accelerate() would replace whose
+    signatures differ from nova_fast.reference.NOVAModel's. Empty for nova_fast's own layout."""
+    found = []
+    official = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()
+                       if type(m).__module__.split(".")[0] == "diffnext"})
+    if official:
+        shown = ", ".join(official[:4]) + (f" and {len(official) - 4} more" if len(official) > 4 else "")
+        found.append(f"classes of the official package diffnext: {shown}")
+    for enc in ("video_encoder", "image_encoder"):
+        module = getattr(model, enc, None)
+        if module is None:
+            continue
+        if "pos" in _param_names(type(module).forward):
+            found.append(f"{enc}.forward{tuple(_param_names(type(module).forward))} takes pos= (official "
+                         f"signature); the patch takes (tokens, prefix, known_ids, rope_pos, read_ids)")
+        if callable(getattr(module, "enable_kvcache", None)):
+            found.append(f"{enc}.enable_kvcache(): the official KV-cache switch; the patched blocks take an "
+                         f"explicit kv_cache and would skip the attention's own cache")
+        pe_func, kept = [], {}
+        for i, blk in enumerate(getattr(module, "blocks", [])):
+            if "pe_func" in _param_names(type(blk).forward):
+                pe_func.append(i)
+            attn = getattr(blk, "attn", None)
+            for attr in ("cache_kv", "attn_mask"):
+                if attn is not None and hasattr(attn, attr):
+                    kept.setdefault(attr, []).append(i)
+        if pe_func:
+            found.append(f"{enc}.blocks {_indices(pe_func)}: forward takes pe_func (the official RoPE callable); "
+                         f"the patch takes (x, attn_mask, kv_cache, rope)")
+        for attr, where in kept.items():
+            found.append(f"{enc}.blocks {_indices(where)}: attn.{attr} kept on the module (the official "
+                         f"{'KV-cache' if attr == 'cache_kv' else 'training-mask'} protocol); the patched blocks "
+                         f"never read it" + (": later frames would lose the text prefix and the earlier frames"
+                                              if attr == "cache_kv" and enc == "video_encoder" else ""))
+        if isinstance(getattr(module, "mixer", None), torch.nn.Identity):
+            found.append(f"{enc}.mixer is nn.Identity (the official 'no mixer'); nova_fast's layout has None")
+    head = getattr(model, "image_decoder", None)
+    norms = [("image_decoder.norm", getattr(head, "norm", None))]
+    norms += [(f"image_decoder.blocks.{i}.norm1", getattr(b, "norm1", None)) for i, b in
+              enumerate(getattr(head, "blocks", []))]
+    norm_owned = [name for name, norm in norms if norm is not None and not hasattr(norm, "eps")
+                  and isinstance(getattr(norm, "norm", None), torch.nn.Module)]
+    if norm_owned:
+        found.append(f"{', '.join(norm_owned)}: eps kept inside the submodule .norm (official AdaLayerNormZero); "
+                     f"the patch reads .eps on the AdaLN module itself")
+    from nova_fast.reference.model import NOVAModel
+
+    for name in _PATCHED_MODEL_METHODS:
+        mine, ref = getattr(type(model), name, None), getattr(NOVAModel, name)
+        if callable(mine) and mine is not ref:
+            have, want = _param_names(mine), _param_names(ref)
+            if [p for p in want if p not in have]:
+                found.append(f"{type(model).__name__}.{name}{tuple(have)} differs from nova_fast's "
+                             f"{name}{tuple(want)}, which accelerate() would put in its place")
+    return found
+
+
+def refuse_official_layout(model: torch.nn.Module) -> None:
+    """Raise OfficialModelUnsupported, naming every difference, for a model of the official NOVA code."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    found = official_layout_differences(model)
+    if found:
+        raise OfficialModelUnsupported(
+            "accelerate: this model follows the official NOVA code (package diffnext), whose forward signatures, "
+            "norms and KV cache the patches do not implement; patching it would fail or compute something else:\n"
+            + "\n".join(f"  - {line}" for line in found)
+            + "\nLoad the same checkpoint folder with nova_fast.reference.load_pretrained(path) (the same weights "
+              "and names) and accelerate that model; see docs/official_layout.md.")
+
+
 class GroupMask:
     """Stands in for the dense block-causal training mask: the per-token frame-group ids (N,) from
     which the attention derives "query i sees key j iff group[j] <= group[i]" on the fly."""
@@ -452,6 +553,7 @@ def accelerate(model: torch.nn.Module, *, backend: str = "auto", cuda_graphs: bo
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    refuse_official_layout(model)
     backends._check_name(backend)
     check_layout(model)
     per_op = _backend_map(backend, _model_device(model))

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from nova_fast.reference import NOVAConfig, WeightMismatchError, build_model, load_pretrained, random_text_states, \
     save_pretrained
 from nova_fast.reference.config import FLOW_IMAGE_SCHEDULER
+from nova_fast.reference.weights import SchedulerGuessWarning
 
 GEN = dict(num_latent_frames=2, num_ar_steps=4, num_diffusion_steps=3)
 
@@ -98,3 +99,75 @@ def test_missing_text_buffer_fails(tmp_path, tiny):
 def test_no_folder_fails(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_pretrained(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------- which scheduler loading chose, and why
+def _saved_without_scheduler(tmp_path, model):
+    save_pretrained(model, tmp_path)
+    os.remove(tmp_path / "scheduler" / "scheduler_config.json")
+    os.remove(tmp_path / "model_index.json")
+
+
+def test_scheduler_from_the_files_is_recorded_without_warning(tmp_path, tiny, recwarn, caplog):
+    model, _ = tiny
+    save_pretrained(model, tmp_path)
+    with caplog.at_level("INFO", logger="nova_fast.reference.weights"):
+        loaded = load_pretrained(tmp_path)
+    path = str(tmp_path / "scheduler" / "scheduler_config.json")
+    assert loaded.scheduler_source == f"DDPMScheduler from {path}"
+    assert loaded.scheduler_source in caplog.text
+    assert not [w for w in recwarn if issubclass(w.category, SchedulerGuessWarning)]
+
+
+def test_missing_scheduler_config_warns_and_says_what_it_chose(tmp_path, tiny):
+    model, _ = tiny  # a video config: the default is DDPM
+    _saved_without_scheduler(tmp_path, model)
+    with pytest.warns(SchedulerGuessWarning, match=r"DDPMScheduler from the default for a video config \(guessed: no "):
+        loaded = load_pretrained(tmp_path)
+    assert loaded.scheduler.kind == "ddpm"
+    assert loaded.scheduler_source.startswith("DDPMScheduler from the default for a video config (guessed: no ")
+    assert "scheduler_config.json" in loaded.scheduler_source
+
+
+def test_missing_scheduler_config_can_be_refused_or_supplied(tmp_path, tiny, recwarn):
+    model, _ = tiny
+    _saved_without_scheduler(tmp_path, model)
+    with pytest.raises(FileNotFoundError, match="require_scheduler=True: no .*scheduler_config.json"):
+        load_pretrained(tmp_path, require_scheduler=True)
+    flow = load_pretrained(tmp_path, scheduler=dict(FLOW_IMAGE_SCHEDULER, shift=3.0), require_scheduler=True)
+    assert flow.scheduler.kind == "flow" and flow.scheduler.shift == 3.0
+    assert flow.scheduler_source == "FlowMatchEulerDiscreteScheduler from the scheduler= argument"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "scheduler_config.json").write_text(json.dumps(FLOW_IMAGE_SCHEDULER))
+    from_folder = load_pretrained(tmp_path, scheduler=tmp_path / "elsewhere")
+    assert from_folder.scheduler.kind == "flow" and str(tmp_path / "elsewhere") in from_folder.scheduler_source
+    assert not [w for w in recwarn if issubclass(w.category, SchedulerGuessWarning)]
+
+
+def test_class_named_only_by_model_index_is_a_guess(tmp_path, tiny):
+    model, _ = tiny
+    _saved_without_scheduler(tmp_path, model)
+    index = {"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.warns(SchedulerGuessWarning, match="model_index.json names FlowMatchEulerDiscreteScheduler but there is no"):
+        loaded = load_pretrained(tmp_path)
+    assert loaded.scheduler.kind == "flow" and "guessed" in loaded.scheduler_source
+    with pytest.raises(FileNotFoundError):
+        load_pretrained(tmp_path, require_scheduler=True)
+
+
+def test_set_scheduler_records_its_source():
+    model = build_model(NOVAConfig.preset("tiny"))
+    model.set_scheduler(FLOW_IMAGE_SCHEDULER)
+    assert model.scheduler.kind == "flow" and model.scheduler_source == "set_scheduler()"
+
+
+def test_scheduler_entry_of_the_transformer_config_is_named(tmp_path, tiny, recwarn):
+    model, _ = tiny
+    _saved_without_scheduler(tmp_path, model)
+    cfg_path = tmp_path / "transformer" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "scheduler": FLOW_IMAGE_SCHEDULER}))
+    loaded = load_pretrained(tmp_path, require_scheduler=True)
+    assert loaded.scheduler.kind == "flow"
+    assert loaded.scheduler_source == f"FlowMatchEulerDiscreteScheduler from the 'scheduler' entry of {cfg_path}"
+    assert not [w for w in recwarn if issubclass(w.category, SchedulerGuessWarning)]

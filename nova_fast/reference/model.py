@@ -25,7 +25,7 @@ from nova_fast.reference.embeddings import LabelEmbed, MaskEmbed, MotionEmbed, T
 from nova_fast.reference.encoders import SpatialEncoder, TemporalEncoder
 from nova_fast.reference.guidance import Guidance, apply_guidance
 from nova_fast.reference.layers import RotaryEmbed3D, gather_tokens, patchify, scatter_tokens, unpatchify
-from nova_fast.reference.schedulers import scheduler_from_config
+from nova_fast.reference.schedulers import scheduler_from_config, training_noise
 
 LOSS_REPEAT = 4               # the head sees each training token 4 times (different noise/timesteps)
 MASK_RATIO_RANGE = (0.7, 1.0)  # training mask ratio: normal(1, 0.25) truncated to this range
@@ -82,9 +82,11 @@ class NOVAModel(nn.Module):
     def patch(self) -> int:
         return self.config.image_patch
 
-    def set_scheduler(self, scheduler_config: dict) -> None:
+    def set_scheduler(self, scheduler_config: dict, source: str = "set_scheduler()") -> None:
+        """Replace the scheduler; ``scheduler_source`` records where it came from."""
         self.config.scheduler = dict(scheduler_config)
         self.scheduler = scheduler_from_config(scheduler_config)
+        self.scheduler_source = source
 
     # ---- conditions ------------------------------------------------------------------------------
     def encode_condition(self, text_states=None, labels=None, *, unconditional: bool = False, batch: int = None,
@@ -313,18 +315,21 @@ class NOVAModel(nn.Module):
     # ---- training ---------------------------------------------------------------------------------
     def training_losses(self, latents: torch.Tensor, text_states=None, *, labels=None,
                         generator: Optional[torch.Generator] = None, motion_flow=5.0, fps=None,
-                        prediction_type: str = "flow") -> dict:
+                        prediction_type: Optional[str] = None) -> dict:
         """Scalar losses of one batch of latents (B, C, T, H, W) or (B, C, H, W).
 
         Temporal: [prefix, bos frame, frames 0..T-2] in one pass with the block-causal mask;
         mixer on frames 1..; spatial: per frame, a random order and one mask ratio (normal(1, 0.25)
         truncated to [0.7, 1]) for the batch, known = the first round((1 - ratio) * L) tokens of
-        the order; head: every token, batch repeated 4 times, sigma = sigmoid(normal) per token,
-        x_t = (1 - sigma) x0 + sigma * noise, timestep sigma * 1000, target noise - x0 ("flow") or
-        noise ("epsilon"); per-token MSE, averaged over masked tokens only.
+        the order; head: every token, batch repeated 4 times, noised by the model's scheduler as the
+        official training does (``schedulers.training_noise``: flow matching on the 1/1000 sigma grid
+        with target noise - x0, or the DDPM forward process at integer timesteps with target noise);
+        per-token MSE, averaged over masked tokens only. ``prediction_type``: None follows the
+        scheduler; a value that differs from the scheduler's ("flow", or the DDPM config's) raises.
         Returns {"loss"} for images; for video also "loss_t2i" (frame 0, weighted by T) and
         "loss_i2i" (later frames, weighted by T / (T - 1)) with loss = their sum."""
         c = self.config
+        check_training_prediction_type(self.scheduler, prediction_type)
         x = latents if latents.dim() == 5 else latents.unsqueeze(2)
         x = x.to(device=self.device, dtype=self.dtype)
         B, C, T, H, W = x.shape
@@ -358,11 +363,8 @@ class NOVAModel(nn.Module):
         # 3. per-token diffusion on every token, loss on the masked ones
         z4 = z.repeat(LOSS_REPEAT, 1, 1)
         x0 = patchify(frames, self.patch).repeat(LOSS_REPEAT, 1, 1)
-        noise = torch.randn(x0.shape, generator=g, device=dev, dtype=x0.dtype)
-        sigma = torch.sigmoid(torch.randn(x0.shape[:2], generator=g, device=dev)).to(x0.dtype)
-        x_t = (1 - sigma.unsqueeze(-1)) * x0 + sigma.unsqueeze(-1) * noise
-        pred = self.image_decoder(unpatchify(x_t, self.patch, (C, H, W)), sigma * 1000, z4)
-        target = noise if prediction_type == "epsilon" else noise - x0
+        x_t, timestep, target = training_noise(self.scheduler, x0, generator=g)
+        pred = self.image_decoder(unpatchify(x_t, self.patch, (C, H, W)), timestep, z4)
         per_token = (pred.float() - target.float()).pow(2).mean(-1)  # (4BT, L)
         weight = (~known).to(per_token.dtype).repeat(LOSS_REPEAT, 1)
         per_token = per_token * weight / (weight.sum() + 1e-5)
@@ -372,6 +374,15 @@ class NOVAModel(nn.Module):
         t2i = per_frame[0] * T
         i2i = per_frame[1:].sum() * (T / (T - 1))
         return {"loss": t2i + i2i, "loss_t2i": t2i, "loss_i2i": i2i}
+
+
+def check_training_prediction_type(scheduler, prediction_type: Optional[str]) -> None:
+    """The training target follows the scheduler; an explicit ``prediction_type`` must agree with it."""
+    own = "flow" if scheduler.kind == "flow" else scheduler.prediction_type
+    if prediction_type is not None and prediction_type != own:
+        raise ValueError(f"prediction_type={prediction_type!r} differs from the model's {scheduler.kind} scheduler, "
+                         f"which trains {own!r}; the training target follows the scheduler: pass "
+                         f"prediction_type=None or change it with model.set_scheduler(...)")
 
 
 def truncated_normal(mean: float, std: float, low: float, high: float, generator=None) -> float:

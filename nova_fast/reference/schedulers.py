@@ -187,3 +187,46 @@ def scheduler_from_config(config: dict):
     if scheduler_kind(config) == "flow":
         return FlowMatchEulerScheduler.from_config(config)
     return DDPMScheduler.from_config(config)
+
+
+# ---- training: the forward process of the official training loss --------------------------------
+def flow_training_sigmas(scheduler: FlowMatchEulerScheduler) -> torch.Tensor:
+    """(N,) fp32 noise levels a flow training index selects: entry i is (N - i) / N under the
+    configured shift (unshifted with dynamic shifting), as the official scheduler tabulates them."""
+    N = scheduler.num_train_timesteps
+    sigmas = torch.arange(N, 0, -1, dtype=torch.float32, device="cpu") / N
+    if getattr(scheduler, "use_dynamic_shifting", False):
+        return sigmas
+    return _shift(sigmas, scheduler.config_shift)
+
+
+def training_noise(scheduler, x0: torch.Tensor, generator: Optional[torch.Generator] = None):
+    """Noise one training batch as the official training loss does, following the scheduler's kind.
+
+    x0: (..., P) clean token values (the leading dims index tokens). Draws, in this order, from
+    ``generator``: ``noise`` of x0's shape and dtype, then one per-token draw:
+      flow: n ~ normal (fp32); index = int(N * sigmoid(n)) (a floor on the 1/N grid, kept below N);
+            sigma = flow_training_sigmas[index] (so sigma = 1 - index / N with shift 1);
+            x_t = sigma * noise + (1 - sigma) * x0; head timestep sigma * N; target noise - x0.
+      ddpm: t ~ uniform integers in [0, N); a = alphas_cumprod[t] in x0's dtype;
+            x_t = sqrt(a) * x0 + sqrt(1 - a) * noise; head timestep the integer t; target noise
+            (epsilon prediction only: the official loss trains every other prediction type on
+            noise - x0, which its DDPM sampler does not read that way, so those are refused).
+    Returns (x_t, head_timestep, target), x_t and target in x0's dtype, head_timestep of x0.shape[:-1]."""
+    N = scheduler.num_train_timesteps
+    dev = x0.device
+    if scheduler.kind == "ddpm" and scheduler.prediction_type != "epsilon":
+        raise ValueError(f"training with a DDPM scheduler of prediction_type={scheduler.prediction_type!r} is not "
+                         f"supported: the official training loss uses the target noise - x0 for every prediction "
+                         f"type but 'epsilon', which the DDPM sampler does not read as {scheduler.prediction_type!r}; "
+                         f"use prediction_type='epsilon' or a flow-matching scheduler")
+    noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+    if scheduler.kind == "flow":
+        n = torch.randn(x0.shape[:-1], generator=generator, device=dev, dtype=torch.float32)
+        index = (torch.sigmoid(n) * N).to(torch.int64).clamp_(max=N - 1)
+        sigmas = flow_training_sigmas(scheduler).to(dev)
+        sigma = sigmas.to(x0.dtype)[index].unsqueeze(-1)
+        return sigma * noise + (1 - sigma) * x0, (sigmas * N)[index], noise - x0
+    t = torch.randint(0, N, x0.shape[:-1], generator=generator, device=dev)
+    a = scheduler.alphas_cumprod.to(device=dev, dtype=x0.dtype)[t].unsqueeze(-1)
+    return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise, t, noise

@@ -1,7 +1,8 @@
 """Loading and saving the released diffusers-style folder layout (nothing is ever downloaded):
 
     model_index.json                         (optional) names the scheduler class
-    scheduler/scheduler_config.json          (optional) configures it
+    scheduler/scheduler_config.json          (optional) configures it; without it the scheduler is a
+                                             default, chosen with a warning (or refused on request)
     transformer/config.json                  the NOVAConfig fields
     transformer/diffusion_pytorch_model.safetensors
       or transformer/diffusion_pytorch_model-0000i-of-0000n.safetensors
@@ -10,8 +11,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Optional
+import warnings
+from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -19,6 +22,8 @@ from safetensors.torch import save_file
 
 from nova_fast.reference.config import NOVAConfig
 from nova_fast.reference.model import NOVAModel, build_model
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -55,6 +60,62 @@ def read_scheduler_config(root: str) -> Optional[dict]:
     return config
 
 
+class SchedulerGuessWarning(UserWarning):
+    """Loading chose a scheduler (or its fields) without a scheduler_config.json saying so."""
+
+
+def _scheduler_argument(scheduler: Union[dict, str, os.PathLike]) -> tuple[dict, str]:
+    """A scheduler= argument of load_pretrained: a config dict, a scheduler_config.json, or its folder."""
+    if isinstance(scheduler, dict):
+        return dict(scheduler), "the scheduler= argument"
+    path = os.fspath(scheduler)
+    if os.path.isdir(path):
+        path = os.path.join(path, "scheduler_config.json")
+    with open(path) as f:
+        return json.load(f), path
+
+
+def resolve_scheduler(root: str, tdir: str, scheduler=None, require_scheduler: bool = False):
+    """(scheduler config or None, where it came from, why it is a guess or None).
+
+    In order: the ``scheduler`` argument; scheduler/scheduler_config.json (its class from
+    model_index.json when named there); the class named by model_index.json alone (fields at the
+    class defaults: a guess); a "scheduler" entry of transformer/config.json; else None, and the
+    config's default of the model kind applies (a guess). ``require_scheduler``: a guess raises."""
+    if scheduler is not None:
+        config, source = _scheduler_argument(scheduler)
+        return config, source, None
+    sched_path = os.path.join(root, "scheduler", "scheduler_config.json")
+    config = read_scheduler_config(root)
+    guess = None
+    if os.path.isfile(sched_path):
+        source = sched_path
+        if config.get("_class_name") and "_class_name" not in _read_json(sched_path):
+            source += " (class from model_index.json)"
+        elif not config.get("_class_name"):
+            guess = (f"neither {sched_path} nor model_index.json names the scheduler class; the kind was "
+                     f"read from its fields ({'a' if 'shift' in config else 'no'} 'shift' entry)")
+    elif config is not None:
+        source = os.path.join(root, "model_index.json")
+        guess = (f"model_index.json names {config['_class_name']} but there is no {sched_path}: its fields "
+                 f"are nova_fast's defaults for that class, not the checkpoint's")
+    else:
+        own = _read_json(os.path.join(tdir, "config.json")).get("scheduler")
+        if own is not None:
+            return dict(own), f"the 'scheduler' entry of {os.path.join(tdir, 'config.json')}", None
+        source = None  # set by the caller from the config's kind
+        guess = f"no {sched_path}, no scheduler in model_index.json or transformer/config.json"
+    if guess is not None and require_scheduler:
+        raise FileNotFoundError(f"require_scheduler=True: {guess}; add the checkpoint's scheduler/"
+                                f"scheduler_config.json or pass scheduler=")
+    return config, source, guess
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def _weight_files(tdir: str) -> list[str]:
     index = os.path.join(tdir, INDEX_NAME)
     if os.path.isfile(index):
@@ -86,11 +147,29 @@ def check_state_shapes(expected: dict, found: dict, where: str = "checkpoint") -
         raise WeightMismatchError("\n".join(lines))
 
 
-def load_pretrained(folder, dtype: Optional[torch.dtype] = None, device=None) -> NOVAModel:
+def load_pretrained(folder, dtype: Optional[torch.dtype] = None, device=None, *, scheduler=None,
+                    require_scheduler: bool = False) -> NOVAModel:
     """Build the model from ``transformer/config.json`` (+ the scheduler files when present) and load
-    its safetensors weights with strict key and shape checks."""
+    its safetensors weights with strict key and shape checks.
+
+    The scheduler (see ``resolve_scheduler``): ``scheduler`` (a scheduler_config dict, file or folder)
+    overrides the folder's files. Which one was chosen and from where is in
+    ``model.scheduler_source`` and logged; a choice the folder does not state (no
+    scheduler_config.json: the default of the model kind, DDPM for video and flow matching for
+    images) warns with SchedulerGuessWarning, or raises FileNotFoundError with ``require_scheduler``."""
     root, tdir = _transformer_dir(folder)
-    config = NOVAConfig.from_json(os.path.join(tdir, "config.json"), scheduler=read_scheduler_config(root))
+    sched_config, source, guess = resolve_scheduler(root, tdir, scheduler, require_scheduler)
+    config = NOVAConfig.from_json(os.path.join(tdir, "config.json"), scheduler=sched_config)
+    chosen = config.scheduler.get("_class_name") or f"a {config.scheduler_kind} scheduler"
+    if sched_config is None:
+        source = f"the default for a {'video' if config.is_video else 'image'} config"
+    scheduler_source = f"{chosen} from {source}"
+    if guess is not None:
+        scheduler_source += f" (guessed: {guess})"
+        warnings.warn(f"{os.fspath(folder)}: scheduler {scheduler_source}. Pass scheduler= (or add the file) "
+                      f"to choose it, require_scheduler=True to refuse.", SchedulerGuessWarning, stacklevel=2)
+    else:
+        log.info("%s: scheduler %s", os.fspath(folder), scheduler_source)
     model = build_model(config, device="meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     files = _weight_files(tdir)
@@ -113,6 +192,7 @@ def load_pretrained(folder, dtype: Optional[torch.dtype] = None, device=None) ->
         dtype = floats.pop() if len(floats) == 1 else torch.float32
     state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    model.scheduler_source = scheduler_source
     return model.eval()
 
 
