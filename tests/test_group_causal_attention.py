@@ -223,10 +223,11 @@ def test_triton_skips_tiles_it_cannot_see(triton_device):
     k_poisoned, v_poisoned = k.clone(), v.clone()
     k_poisoned[:, :, 48:] = float("nan")  # frame 3: visible only to frame 3's queries
     v_poisoned[:, :, 48:] = float("nan")
-    gi = g[None].to(triton_device)
+    plan = gca.MaskPlan(g[:48].to(triton_device), g.to(triton_device))
     with kernels.blocks(16, 16):
-        out, _ = kernels.forward(q[:, :, :48], k_poisoned, v_poisoned, gi[:, :48], gi, 0.125)
-        ref, _ = kernels.forward(q[:, :, :48], k, v, gi[:, :48], gi, 0.125)
+        out, _ = kernels.forward(q[:, :, :48], k_poisoned, v_poisoned, plan.q_order, plan.k_order, plan.k_visible,
+                                 0.125)
+        ref, _ = kernels.forward(q[:, :, :48], k, v, plan.q_order, plan.k_order, plan.k_visible, 0.125)
     assert torch.isfinite(out).all() and torch.equal(out, ref)
     assert attention_work(g, block_m=16, block_n=16)["tiles_visited"] == 10
 
