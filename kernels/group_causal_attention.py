@@ -51,17 +51,17 @@ MAX_GRID_X = 2**31 - 1
 # tables. Every entry is compiled for sm_80 and sm_90 in
 # AOT_SPECS and checked for spills and shared memory within the architecture's limit.
 FWD_CONFIG = {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-              128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)}
-DKDV_CONFIG = {64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
-               128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)}
-DQ_CONFIG = {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-             128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)}
-FP32_FWD_CONFIG = {64: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-                   128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)}
-FP32_DKDV_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-                    128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)}
-FP32_DQ_CONFIG = {64: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-                  128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)}
+              128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)}
+DKDV_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+               128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)}
+DQ_CONFIG = {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+             128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)}
+FP32_FWD_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+                   128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)}
+FP32_DKDV_CONFIG = {64: dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+                    128: dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)}
+FP32_DQ_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+                  128: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)}
 DELTA_BLOCK_M = 64
 
 # tests under the interpreter shrink the tiles (more tiles per sequence: the tile logic is exercised)
