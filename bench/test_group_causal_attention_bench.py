@@ -19,7 +19,7 @@ answer to the problem) with about the same number of visible pairs (N^2 / 2 agai
 ceiling for any method built on that kernel.
 
 Metrics: the work counter (``attention_work``: key tiles the Triton kernel visits / tiles of the
-dense problem, and visible (query, key) pairs, which is exactly what the torch backend computes),
+dense problem, split into full tiles (no mask arithmetic) and partial ones, and visible (query, key) pairs, which is exactly what the torch backend computes),
 the dense mask's bytes, and each implementation's peak extra tensor memory during one call
 (:func:`peak_extra_bytes`; the output included, the prebuilt mask / block mask not).
 
@@ -134,7 +134,8 @@ def _setup(name, groups_fn, H, D, dtype, backward):
 def _metrics(name, groups_fn):
     def metrics():
         w = attention_work(groups_fn())
-        out = {"tiles_visited": w["tiles_visited"], "tiles_total": w["tiles_total"],
+        out = {"tiles_visited": w["tiles_visited"], "tiles_full": w["tiles_full"], "tiles_partial": w["tiles_partial"],
+               "tiles_total": w["tiles_total"],
                "tile_fraction": round(w["tile_fraction"], 4), "pair_fraction": round(w["pair_fraction"], 4),
                "tile": f"{w['block_m']}x{w['block_n']}"}
         out.update(EXTRA.get(name, {}))

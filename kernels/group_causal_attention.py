@@ -57,9 +57,9 @@ DKDV_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
 DQ_CONFIG = {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
              128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)}
 FP32_FWD_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-                   128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)}
+                   128: dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)}
 FP32_DKDV_CONFIG = {64: dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
-                    128: dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)}
+                    128: dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)}
 FP32_DQ_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
                   128: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)}
 DELTA_BLOCK_M = 64
