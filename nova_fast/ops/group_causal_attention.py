@@ -461,7 +461,8 @@ class MaskPlan:
     kernel's tile plan, built on first use per block size and cached (:meth:`key_tiles`,
     :meth:`query_tiles`). Pass it as ``q_groups`` to :func:`group_causal_attention`. Plain group
     tensors get one cached on them too (keyed on their in-place version), except inference tensors
-    (no version counter) and under torch.compile.
+    (no version counter), calls in inference mode and under torch.compile: there a caller that
+    wants the reuse builds the plan once and passes it.
     """
 
     def __init__(self, q_groups: Tensor, k_groups: Tensor | None = None, *, batch: int | None = None):
@@ -531,8 +532,10 @@ def _plan_for(q_groups: Tensor, k_groups: Tensor | None, B: int, Nq: int, Nk: in
             raise ValueError(f"k_groups is required when k has a different length than q (Nk = {Nk}, Nq = {Nq})")
     else:
         _check_groups("k_groups", k_groups, B, Nk, device)
-    cacheable = not torch.compiler.is_compiling() and not q_groups.is_inference() and (
-        k_groups is None or not k_groups.is_inference())
+    # not cached: under torch.compile (traced inline), for inference tensors (no version counter),
+    # and in inference mode (its plan tensors could not be saved for a later training backward)
+    cacheable = not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or q_groups.is_inference()
+                     or (k_groups is not None and k_groups.is_inference()))
     if not cacheable:
         return MaskPlan(qg, k_groups, batch=B)
     key = (q_groups._version, None if k_groups is None else (id(k_groups), k_groups._version), B)
