@@ -137,6 +137,7 @@ def _metrics(name, groups_fn):
         out = {"tiles_visited": w["tiles_visited"], "tiles_full": w["tiles_full"], "tiles_partial": w["tiles_partial"],
                "tiles_total": w["tiles_total"],
                "tile_fraction": round(w["tile_fraction"], 4), "pair_fraction": round(w["pair_fraction"], 4),
+               "useful_fraction": round(w["useful_fraction"], 4),
                "tile": f"{w['block_m']}x{w['block_n']}"}
         out.update(EXTRA.get(name, {}))
         return out

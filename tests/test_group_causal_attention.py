@@ -140,6 +140,9 @@ def test_attention_work():
     w = attention_work(g, block_m=32, block_n=32)
     assert (w["tiles_visited"], w["tiles_total"]) == (10, 16)    # lower block triangle of 4 x 4 tiles
     assert w["pairs_visible"] == 32 * 32 * 10 and w["pair_fraction"] == pytest.approx(10 / 16)
+    assert (w["tiles_full"], w["tiles_partial"], w["useful_fraction"]) == (10, 0, 1.0)   # frame edges on tile edges
+    w = attention_work(g, block_m=64, block_n=16)        # 2 query tiles: frames 0-1, 2-3
+    assert (w["tiles_visited"], w["tiles_full"], w["tiles_partial"]) == (4 + 8, 2 + 6, 2 + 2)
     assert attention_work(torch.zeros(100, dtype=torch.int32))["tile_fraction"] == 1.0
     shuffled = g[torch.randperm(128, generator=torch.Generator().manual_seed(0))]
     assert attention_work(shuffled, block_m=32, block_n=32)["tiles_visited"] == 10   # sorted first, like the op

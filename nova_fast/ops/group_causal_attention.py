@@ -596,7 +596,8 @@ def group_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor | M
     (Nq,) or (B, Nq), or a :class:`MaskPlan` built once for the mask (then no k_groups); k_groups:
     (Nk,) or (B, Nk), default q_groups (requires Nk == Nq). Without groups: plain bidirectional
     attention. Rows that see no key return 0. Returns (B, H, Nq, D). Differentiable in q, k and v.
-    No host synchronisation on a device: the call can be captured in a CUDA graph.
+    The Triton backend (auto's choice on CUDA) makes no host synchronisation: the call can be
+    captured in a CUDA graph.
     """
     _check_inputs(q, k, v)
     B, H, Nq, D = q.shape
@@ -634,8 +635,9 @@ def attention_work(q_groups: Tensor | MaskPlan, k_groups: Tensor | None = None, 
     own plan (:meth:`MaskPlan.query_tiles`), with the forward's block sizes for ``head_dim`` and
     ``dtype`` unless block_m/block_n are given; ``tiles_full`` of them need no mask arithmetic,
     ``tiles_partial`` do. ``pairs_visible / pairs_total``: (query, key) pairs the rule lets
-    through, which is exactly what the torch backend computes. Groups (N,) or (B, N) or a
-    MaskPlan; fractions are averaged over the batch.
+    through, which is exactly what the torch backend computes; ``useful_fraction``: visible pairs
+    over the pairs of the visited tiles (the rest is work done on masked or padded entries).
+    Groups (N,) or (B, N) or a MaskPlan; fractions are averaged over the batch.
     """
     from nova_fast.kernels.group_causal_attention import config
 
@@ -651,4 +653,5 @@ def attention_work(q_groups: Tensor | MaskPlan, k_groups: Tensor | None = None, 
     pairs = int(plan.k_visible.sum())
     return {"block_m": bm, "block_n": bn, "tiles_visited": visited, "tiles_full": full,
             "tiles_partial": visited - full, "tiles_total": total, "tile_fraction": visited / total,
-            "pairs_visible": pairs, "pairs_total": rows * Nq * Nk, "pair_fraction": pairs / (rows * Nq * Nk)}
+            "pairs_visible": pairs, "pairs_total": rows * Nq * Nk, "pair_fraction": pairs / (rows * Nq * Nk),
+            "useful_fraction": pairs / (visited * bm * bn) if visited else 1.0}
