@@ -239,6 +239,10 @@ def test_triton_head_dim_128_and_batch_groups(triton_device, poisoned_empty):
     qg = torch.stack([random_set_groups(33, 4, gen), torch.randint(-1, 3, (33,), generator=gen).int()])
     with blocks(16, 32):
         run_case("triton", qg, None, 2, 1, 33, 33, 128, torch.float32, triton_device)
+    # q groups shared by the batch, k groups per batch row (the plan expands the shared side)
+    kg = torch.stack([torch.randint(0, 4, (40,), generator=gen), torch.randint(1, 3, (40,), generator=gen)]).int()
+    with blocks(16, 16):
+        run_case("triton", frame_groups(3, 10, 3), kg, 2, 1, 33, 40, 64, torch.float16, triton_device)
 
 
 @pytest.mark.triton

@@ -276,16 +276,20 @@ def _forward_cpu_kernel(q, k, v, plan_args, scale):
     return out, lse
 
 
-def _cpu_index(plan_args):
-    """The CPU kernel's int64 (q_order, k_order, k_visible); an order that is the identity (groups
-    already sorted, checked here: CPU tensors, no device to wait for) is passed as None."""
-    q_order, k_order, _, _, k_visible = plan_args
+def _host_order(order: Tensor) -> Tensor | None:
+    """None for an identity order (groups already sorted) of CPU tensors, where checking costs no
+    device wait; the order itself otherwise (on a device it is never read on the host)."""
+    if order.device.type == "cpu" and (order.shape[1] < 2 or bool((order[:, 1:] > order[:, :-1]).all())):
+        return None
+    return order
 
-    def order(o):
-        if o.shape[1] < 2 or bool((o[:, 1:] > o[:, :-1]).all()):
-            return None
-        return o.long().contiguous()
-    return order(q_order), order(k_order), k_visible.long().contiguous()
+
+def _cpu_index(plan_args):
+    """The CPU kernel's int64 (q_order, k_order, k_visible), an identity order passed as None."""
+    q_order, k_order, _, _, k_visible = plan_args
+    q_order, k_order = _host_order(q_order), _host_order(k_order)
+    return (None if q_order is None else q_order.long().contiguous(),
+            None if k_order is None else k_order.long().contiguous(), k_visible.long().contiguous())
 
 
 def _forward_torch(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
@@ -294,12 +298,14 @@ def _forward_torch(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key
     if _cpu_kernel_ready(q):
         return _forward_cpu_kernel(q, k, v, plan_args, scale)
     backends.record_path(OP, _chunk_path(q))
+    q_order, k_order = _host_order(q_order), _host_order(k_order)
     out, lse = _forward_chunks(_permute(q, q_order), _permute(k, k_order), _permute(v, k_order),
                                q_groups, k_groups, scale)
     return _unpermute(out, q_order), _unpermute(lse, q_order)
 
 
 def _backward_torch(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
+    q_order, k_order = _host_order(q_order), _host_order(k_order)
     qo = lambda t: _permute(t, q_order)  # noqa: E731
     dq, dk, dv = _backward_chunks(qo(dout), qo(q), _permute(k, k_order), _permute(v, k_order), qo(out), qo(lse),
                                   q_groups, k_groups, scale)
@@ -429,8 +435,11 @@ group_causal_attention_op.register_autograd(_backward, setup_context=_setup_cont
 
 
 # ---------------------------------------------------------------- permutations (torch backend)
-def _permute(x: Tensor, order: Tensor) -> Tensor:
-    """x (B, H, N, ...) with its tokens (dim 2) in ``order`` ((1, N) shared, or (B, N) per batch row)."""
+def _permute(x: Tensor, order: Tensor | None) -> Tensor:
+    """x (B, H, N, ...) with its tokens (dim 2) in ``order`` ((1, N) shared, or (B, N) per batch row;
+    None: already in order)."""
+    if order is None:
+        return x
     order = order.long()
     if order.shape[0] == 1:
         return x.index_select(2, order[0])
@@ -438,8 +447,10 @@ def _permute(x: Tensor, order: Tensor) -> Tensor:
     return torch.gather(x, 2, index.expand(x.shape[0], x.shape[1], *x.shape[2:]))
 
 
-def _unpermute(x: Tensor, order: Tensor) -> Tensor:
+def _unpermute(x: Tensor, order: Tensor | None) -> Tensor:
     """The inverse of :func:`_permute`: x in sorted order back to token order."""
+    if order is None:
+        return x
     order = order.long()
     out = torch.empty_like(x)
     if order.shape[0] == 1:
