@@ -19,11 +19,15 @@ answer to the problem) with about the same number of visible pairs (N^2 / 2 agai
 ceiling for any method built on that kernel.
 
 Metrics: the work counter (``attention_work``: key tiles the Triton kernel visits / tiles of the
-dense problem, split into full tiles (no mask arithmetic) and partial ones, and visible (query, key) pairs, which is exactly what the torch backend computes),
+dense problem, split into full tiles (no mask arithmetic) and partial ones; visible (query, key)
+pairs, which is exactly what the torch backend computes, and their share of the visited tiles'
+pairs),
 the dense mask's bytes, and each implementation's peak extra tensor memory during one call
 (:func:`peak_extra_bytes`; the output included, the prebuilt mask / block mask not).
 
 Run: ``pytest bench/test_group_causal_attention_bench.py --benchmark-only``.
+``python -m bench.test_group_causal_attention_bench`` prints the Triton kernels' resources per
+target from an AOT compile (:func:`kernel_resources`; no GPU needed, no timing).
 """
 from __future__ import annotations
 
