@@ -19,11 +19,15 @@ answer to the problem) with about the same number of visible pairs (N^2 / 2 agai
 ceiling for any method built on that kernel.
 
 Metrics: the work counter (``attention_work``: key tiles the Triton kernel visits / tiles of the
-dense problem, and visible (query, key) pairs, which is exactly what the torch backend computes),
+dense problem, split into full tiles (no mask arithmetic) and partial ones; visible (query, key)
+pairs, which is exactly what the torch backend computes, and their share of the visited tiles'
+pairs),
 the dense mask's bytes, and each implementation's peak extra tensor memory during one call
 (:func:`peak_extra_bytes`; the output included, the prebuilt mask / block mask not).
 
 Run: ``pytest bench/test_group_causal_attention_bench.py --benchmark-only``.
+``python -m bench.test_group_causal_attention_bench`` prints the Triton kernels' resources per
+target from an AOT compile (:func:`kernel_resources`; no GPU needed, no timing).
 """
 from __future__ import annotations
 
@@ -134,8 +138,10 @@ def _setup(name, groups_fn, H, D, dtype, backward):
 def _metrics(name, groups_fn):
     def metrics():
         w = attention_work(groups_fn())
-        out = {"tiles_visited": w["tiles_visited"], "tiles_total": w["tiles_total"],
+        out = {"tiles_visited": w["tiles_visited"], "tiles_full": w["tiles_full"], "tiles_partial": w["tiles_partial"],
+               "tiles_total": w["tiles_total"],
                "tile_fraction": round(w["tile_fraction"], 4), "pair_fraction": round(w["pair_fraction"], 4),
+               "useful_fraction": round(w["useful_fraction"], 4),
                "tile": f"{w['block_m']}x{w['block_n']}"}
         out.update(EXTRA.get(name, {}))
         return out
@@ -172,3 +178,43 @@ _IMPLS = ("sdpa_dense_mask", "sdpa_causal_bound", "flex_compiled", "torch", "tor
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_group_causal_attention_bench(run_bench_case, case, impl):
     run_bench_case(case, impl)
+
+
+# ---------------------------------------------------------------- kernel resources (AOT, no GPU)
+# per SM: 64K 32-bit registers (allocated per warp in units of 256), at most 64 warps and 32 CTAs;
+# shared memory per SM: A100 164 KiB, H100 228 KiB, 1 KiB of it reserved per CTA
+SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}
+
+
+def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int, arch: int) -> int:
+    """Resident CTAs per SM of a kernel, from its AOT registers and shared memory."""
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_regs = (65536 // regs_per_warp) // num_warps
+    by_shared = SM_SHARED[arch] // (shared_bytes + 1024)
+    return min(by_regs, by_shared, 64 // num_warps, 32)
+
+
+def kernel_resources() -> list[dict]:
+    """Per Triton attention kernel and target (sm_80, sm_90): registers, local memory (spills),
+    shared memory, CTAs per SM and tensor-core instructions (HMMA / HGMMA) in the SASS, from an AOT
+    compile of every production configuration (``AOT_SPECS``). Takes minutes (the triton cache helps)."""
+    from nova_fast.kernels.group_causal_attention import AOT_SPECS
+    from nova_fast.testing import triton_aot
+
+    warps = {s.name(): s.num_warps for s in AOT_SPECS}
+    rows = []
+    for r in triton_aot.compile_in_subprocess("nova_fast.kernels.group_causal_attention"):
+        rows.append({"kernel": r.spec, "arch": f"sm_{r.arch}", "registers": r.registers, "spill_bytes": r.local_bytes,
+                     "shared_KiB": round(r.shared_bytes / 1024, 1),
+                     "ctas_per_sm": ctas_per_sm(r.registers, r.shared_bytes, warps[r.spec], r.arch),
+                     "warps": warps[r.spec], "hmma": r.hmma, "hgmma": r.hgmma, "error": r.error})
+    return rows
+
+
+if __name__ == "__main__":  # python -m bench.test_group_causal_attention_bench: the resource table
+    print(f"{'kernel':34} {'arch':6} {'regs':>5} {'spill':>6} {'smem KiB':>9} {'warps':>5} {'CTA/SM':>6} "
+          f"{'HMMA':>5} {'HGMMA':>6}")
+    for row in kernel_resources():
+        print(f"{row['kernel']:34} {row['arch']:6} {row['registers']:5d} {row['spill_bytes']:6d} "
+              f"{row['shared_KiB']:9.1f} {row['warps']:5d} {row['ctas_per_sm']:6d} {row['hmma']:5d} {row['hgmma']:6d}"
+              + (f"  ERROR {row['error'][:60]}" if row["error"] else ""))

@@ -1,20 +1,40 @@
 """Triton kernels for group-causal attention: query i sees key j iff ``k_group[j] <= q_group[i]``.
 
-The launchers expect groups sorted (non-decreasing) along the sequence; the public op
-(``nova_fast.ops.group_causal_attention``) sorts unsorted layouts first. With sorted groups the
-keys a query tile can see are a prefix of the key tiles and the queries that can see a key tile
-are a suffix of the query tiles, so :func:`tile_plan` turns per-tile group ranges into loop bounds:
+The kernels take the caller's q, k, v in token order together with a mask plan built on the device
+by ``nova_fast.ops.group_causal_attention.MaskPlan`` (no host synchronisation):
 
-- forward and dq: query tile t visits key tiles ``0 .. kv_tiles[t]-1``, the tiles whose smallest
-  key group is <= the largest query group of t (every other tile is invisible to all of t's rows);
-- dk/dv: key tile n visits query tiles ``q_start[n] ..``, the same (t, n) pairs seen from n.
+- ``q_order`` / ``k_order`` (G, N) int32: sorted position -> token, the stable sort by group. The
+  kernels gather rows through them in their loads and scatter through them in their stores, so a
+  random-set layout costs no permuted copy of q, k, v, the output or the gradients;
+- ``k_visible`` (G, Nq) int32: how many keys the query at sorted position i sees. With keys sorted
+  by group those are the first ``k_visible[i]`` sorted keys, and k_visible is non-decreasing.
 
-Inside a visited tile the mask comes from the two group vectors in registers (no N x N tensor).
+G is 1 (one layout for the batch) or B. From k_visible each tile's work splits in two ranges:
+
+- query tile t (forward, dq): every row sees key tiles ``[0, k_visible[first row] // BLOCK_N)``
+  (full tiles: no mask arithmetic, no bounds checks), some rows see the tiles up to
+  ``cdiv(k_visible[last row], BLOCK_N)`` (partial tiles: mask ``key < k_visible[row]``); the rest
+  is never read. Both bounds come from two scalar loads per program.
+- key tile n (dk/dv): query tiles ``[q_start[n], q_full[n])`` see it partly, ``[q_full[n], end)``
+  wholly; :func:`key_tile_plan` computes them (two ``searchsorted`` on the device), and the plan
+  object caches them for every layer and step that shares the mask.
+
+Work grows with the sorted index (query tiles) or shrinks with it (key tiles), so the 1-D grid
+hands out the heaviest tiles first: the last query tile first, the first key tile first. The grid
+is (tiles * B * H,): its x dimension allows 2^31 - 1 programs (y and z only 65,535).
+
 FlashAttention-2 online softmax in the exp2 domain with fp32 accumulation. The log-sum-exp is
-stored in natural log per row; a row that sees no key gets output 0 and LSE = +inf, so in the
-backward ``exp(s - lse)`` is exactly 0 for it (no NaN). Backward: delta = rowsum(dO * O) in the
-launcher, then one kernel for dk/dv (loop over query tiles) and one for dq (loop over key tiles),
-without atomics.
+stored in natural log per row, in token order; a row that sees no key gets output 0 and
+LSE = +inf, so in the backward ``exp(s - lse)`` is exactly 0 for it (no NaN). Backward: a
+pre-pass writes delta = rowsum(dO * O) and the lse in log2 units in sorted order, then one
+kernel for dk/dv (loop over query tiles) and one for dq (loop over key tiles), without atomics
+(deterministic; 7 tile GEMMs against FlashAttention-2's 5 with atomic dq).
+
+Offsets: batch and head bases and row offsets are computed in int64 (B*H*N*D may pass 2^31).
+
+fp32 inputs run exact fp32 products (``input_precision="ieee"``: FMA, no tensor cores, the
+project's fp32 tolerance) on their own smaller tiles: the 16-bit tiles spill in fp32 and the d128
+dq kernel's would need more shared memory than an A100 has.
 """
 import contextlib
 
@@ -25,17 +45,26 @@ import triton.language as tl
 from nova_fast.testing.triton_aot import AotSpec
 
 LOG2E = 1.4426950408889634
-GROUP_PAD = tl.constexpr(2**31 - 1)  # group id of key rows past the end: no query sees them
+MAX_GRID_X = 2**31 - 1
 
-# head_dim -> block sizes, warps, stages: production configs (no spills on sm_80/sm_90 in AOT_SPECS)
+# head_dim -> block sizes, warps, stages. 16-bit inputs use the production tiles, fp32 the FP32_*
+# tables. Every entry is compiled for sm_80 and sm_90 in
+# AOT_SPECS and checked for spills and shared memory within the architecture's limit.
 FWD_CONFIG = {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-              128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)}
-DKDV_CONFIG = {64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
-               128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)}
-DQ_CONFIG = {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-             128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)}
+              128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)}
+DKDV_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+               128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)}
+DQ_CONFIG = {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+             128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)}
+FP32_FWD_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+                   128: dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)}
+FP32_DKDV_CONFIG = {64: dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+                    128: dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)}
+FP32_DQ_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+                  128: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)}
+DELTA_BLOCK_M = 64
 
-# tests under the interpreter shrink the tiles (more tiles per sequence: the skipping logic is exercised)
+# tests under the interpreter shrink the tiles (more tiles per sequence: the tile logic is exercised)
 _block_override: tuple | None = None
 
 
@@ -50,207 +79,296 @@ def blocks(block_m: int, block_n: int):
         _block_override = saved
 
 
-@triton.jit
-def _tile(base, idx, stride, cols):
-    # pointers to rows ``idx`` of a (rows, HEAD_DIM) slice; the launcher guarantees 16-byte aligned
-    # rows (aligned base, strides in bytes multiple of 16), so loads and stores are 16-byte vectors
-    return tl.multiple_of(base + idx[:, None] * stride + cols[None, :], [16, 16])
+def precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for ``dtype``: exact fp32 products for fp32 (16-bit: unused)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes, warps and stages of kernel ``kind`` ("fwd", "dkdv", "dq") for these inputs."""
+    exact_fp32 = precision(dtype) == "ieee"
+    table = {"fwd": FP32_FWD_CONFIG if exact_fp32 else FWD_CONFIG,
+             "dkdv": FP32_DKDV_CONFIG if exact_fp32 else DKDV_CONFIG,
+             "dq": FP32_DQ_CONFIG if exact_fp32 else DQ_CONFIG}[kind]
+    cfg = dict(table[head_dim])
+    if _block_override is not None:
+        cfg["BLOCK_M"], cfg["BLOCK_N"] = _block_override
+    return cfg
+
+
+# ---------------------------------------------------------------- device helpers
 @triton.jit
-def _program(H):
-    # (tile index, b * H + h in int64, b, h) of this program: grid (tiles, B * H)
-    bh = tl.program_id(1).to(tl.int64)
+def _program(BH, H, n_tiles, HEAVY_LAST: tl.constexpr):
+    # 1-D grid of n_tiles * B * H programs, in rank-major order so the first wave of programs takes
+    # the heaviest tile of every head: HEAVY_LAST (query tiles) maps rank r to tile n_tiles - 1 - r.
+    # Returns (tile, b, h, b * H + h) with b, h and b * H + h in int64.
+    pid = tl.program_id(0)
+    rank = pid // BH
+    bh = (pid - rank * BH).to(tl.int64)
     b = bh // H
-    return tl.program_id(0), bh, b, bh - b * H
+    if HEAVY_LAST:
+        tile = n_tiles - 1 - rank
+    else:
+        tile = rank
+    return tile, b, bh - b * H, bh
 
 
 @triton.jit
-def _kv_tile(k_bh, v_bh, kg_b, keys, Nk, k_sn, v_sn, cols):
-    # K and V rows ``keys`` of one (b, h) and their groups; keys past Nk read as 0 and GROUP_PAD
-    # (a group no query reaches), so they are never visible
-    key_ok = keys < Nk
-    k = tl.load(_tile(k_bh, keys, k_sn, cols), mask=key_ok[:, None], other=0.0)
-    v = tl.load(_tile(v_bh, keys, v_sn, cols), mask=key_ok[:, None], other=0.0)
-    kg = tl.load(kg_b + keys, mask=key_ok, other=GROUP_PAD)
-    return key_ok, k, v, kg
+def _row_offsets(tok, stride):
+    # element offsets of rows ``tok``: int64, a head's rows times their stride may pass 2^31
+    return tok.to(tl.int64) * stride
 
 
 @triton.jit
-def _query_grad_tile(q_bh, do_bh, qg_b, lse_bh, delta_bh, rows, Nq, q_sn, do_sn, cols):
-    # the backward's per-query inputs: q, dO, groups, lse in log2 units and delta = rowsum(dO * O);
-    # lse = +inf (rows past the end, rows that see no key) makes their probabilities exactly 0
-    row_ok = rows < Nq
-    q = tl.load(_tile(q_bh, rows, q_sn, cols), mask=row_ok[:, None], other=0.0)
-    do = tl.load(_tile(do_bh, rows, do_sn, cols), mask=row_ok[:, None], other=0.0)
-    qg = tl.load(qg_b + rows, mask=row_ok, other=-1)
-    lse2 = tl.load(lse_bh + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(delta_bh + rows, mask=row_ok, other=0.0)
-    return row_ok, q, do, qg, lse2, delta
+def _rows(base, tok, stride, cols):
+    # pointers to rows ``tok`` (token indices) of a (rows, HEAD_DIM) slice. The launcher guarantees
+    # 16-byte aligned rows (aligned base, strides in bytes multiple of 16), so loads and stores are
+    # 16-byte vectors.
+    return tl.multiple_of(base + _row_offsets(tok, stride)[:, None] + cols[None, :], [16, 16])
 
 
 @triton.jit
-def gca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qg_ptr, kg_ptr, kv_tiles_ptr,
-                   scale_log2, Nq, Nk, H,
+def _load_rows(base, order_b, idx, stride, cols, n, CHECK: tl.constexpr):
+    # rows at sorted positions idx (token order_b[idx]); CHECK: positions past n read as 0
+    if CHECK:
+        ok = idx < n
+        tok = tl.load(order_b + idx, mask=ok, other=0)
+        return tl.load(_rows(base, tok, stride, cols), mask=ok[:, None], other=0.0)
+    tok = tl.load(order_b + idx)
+    return tl.load(_rows(base, tok, stride, cols))
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_bh, v_bh, ko_b, keys, kvis, Nk, k_sn, v_sn, cols, scale_log2,
+              PARTIAL: tl.constexpr, PRECISION: tl.constexpr):
+    # one key tile of the online softmax. Full tiles (every row sees every key, all keys < Nk): no
+    # mask and no bounds checks. Partial tiles: key j visible to a row iff j < its k_visible.
+    k = _load_rows(k_bh, ko_b, keys, k_sn, cols, Nk, PARTIAL)
+    v = _load_rows(v_bh, ko_b, keys, v_sn, cols, Nk, PARTIAL)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if PARTIAL:
+        s = tl.where(keys[None, :] < kvis[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = m_new
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def gca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_order_ptr, k_order_ptr, k_visible_ptr,
+                   scale_log2, Nq, Nk, H, BH, n_qtiles,
                    q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn,
-                   qg_sb, kg_sb, tiles_sb,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    # program (query tile, b * H + h); lse is fp32 (B, H, Nq)
-    pid_m, bh, b, h = _program(H)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                   qp_sb, kp_sb,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    # program: one (query tile, b, h), heaviest query tile first. qp_sb / kp_sb: batch strides of the
+    # plan's q-side (q_order, k_visible) and k-side (k_order) tensors, 0 when shared by the batch.
+    # out is written at the caller's token positions; lse fp32 (B, H, Nq) in token order.
+    tile, b, h, bh = _program(BH, H, n_qtiles, True)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     row_ok = rows < Nq
-    q = tl.load(_tile(q_ptr + b * q_sb + h * q_sh, rows, q_sn, cols), mask=row_ok[:, None], other=0.0)
-    qg = tl.load(qg_ptr + b * qg_sb + rows, mask=row_ok, other=-1)
-    n_tiles = tl.load(kv_tiles_ptr + b * tiles_sb + pid_m)
+    qo_b = q_order_ptr + b * qp_sb
+    kvis_b = k_visible_ptr + b * qp_sb
+    tok = tl.load(qo_b + rows, mask=row_ok, other=0)
+    q = tl.load(_rows(q_ptr + b * q_sb + h * q_sh, tok, q_sn, cols), mask=row_ok[:, None], other=0.0)
+    kvis = tl.load(kvis_b + rows, mask=row_ok, other=0)
+    n_full = tl.load(kvis_b + tile * BLOCK_M) // BLOCK_N
+    n_end = tl.cdiv(tl.load(kvis_b + tl.minimum(tile * BLOCK_M + BLOCK_M - 1, Nq - 1)), BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_bh = k_ptr + b * k_sb + h * k_sh
     v_bh = v_ptr + b * v_sb + h * v_sh
-    for start_n in range(0, n_tiles * BLOCK_N, BLOCK_N):
-        _, k, v, kg = _kv_tile(k_bh, v_bh, kg_ptr + b * kg_sb, start_n + tl.arange(0, BLOCK_N), Nk, k_sn, v_sn,
-                               cols)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        visible = kg[None, :] <= qg[:, None]
-        s = tl.where(visible, qk * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+    ko_b = k_order_ptr + b * kp_sb
+    for start_n in range(0, n_full * BLOCK_N, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_bh, v_bh, ko_b, start_n + tl.arange(0, BLOCK_N), kvis, Nk,
+                                  k_sn, v_sn, cols, scale_log2, False, PRECISION)
+    for start_n in range(n_full * BLOCK_N, n_end * BLOCK_N, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_bh, v_bh, ko_b, start_n + tl.arange(0, BLOCK_N), kvis, Nk,
+                                  k_sn, v_sn, cols, scale_log2, True, PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    tl.store(_tile(o_ptr + b * o_sb + h * o_sh, rows, o_sn, cols), out.to(o_ptr.dtype.element_ty),
+    tl.store(_rows(o_ptr + b * o_sb + h * o_sh, tok, o_sn, cols), out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
-    tl.store(lse_ptr + bh * Nq + rows, lse, mask=row_ok)
+    tl.store(lse_ptr + bh * Nq + tok, lse, mask=row_ok)
 
 
 @triton.jit
-def gca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, qg_ptr, kg_ptr,
-                        q_start_ptr, scale, scale_log2, Nq, Nk, H,
-                        q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, do_sb, do_sh, do_sn,
-                        qg_sb, kg_sb, tiles_sb,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        IEEE: tl.constexpr):
-    # program (key tile, b * H + h); dk, dv contiguous (B, H, Nk, D); lse, delta fp32 (B, H, Nq)
-    pid_n, bh, b, h = _program(H)
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def gca_bwd_delta_kernel(o_ptr, do_ptr, lse_ptr, delta_ptr, lse2_ptr, q_order_ptr, Nq, H, BH, n_tiles,
+                         o_sb, o_sh, o_sn, do_sb, do_sh, do_sn, qp_sb,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # the backward's per-row inputs in sorted order, (B, H, Nq) fp32 each: delta = rowsum(dO * O)
+    # and the lse in log2 units (+inf stays +inf: rows that see no key get probability 0)
+    tile, b, h, bh = _program(BH, H, n_tiles, False)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
-    key_ok, k, v, kg = _kv_tile(k_ptr + b * k_sb + h * k_sh, v_ptr + b * v_sb + h * v_sh, kg_ptr + b * kg_sb, keys,
-                                Nk, k_sn, v_sn, cols)
-    first_tile = tl.load(q_start_ptr + b * tiles_sb + pid_n)
+    row_ok = rows < Nq
+    tok = tl.load(q_order_ptr + b * qp_sb + rows, mask=row_ok, other=0)
+    o = tl.load(_rows(o_ptr + b * o_sb + h * o_sh, tok, o_sn, cols), mask=row_ok[:, None], other=0.0)
+    do = tl.load(_rows(do_ptr + b * do_sb + h * do_sh, tok, do_sn, cols), mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + bh * Nq + tok, mask=row_ok, other=float("inf"))
+    tl.store(delta_ptr + bh * Nq + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
+    tl.store(lse2_ptr + bh * Nq + rows, lse * 1.4426950408889634, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_bh, do_bh, qo_b, kvis_b, lse2_bh, delta_bh, rows, keys, Nq, q_sn, do_sn, cols,
+               scale_log2, PARTIAL: tl.constexpr, PRECISION: tl.constexpr):
+    # one query tile's contribution to a key tile's dk, dv. Rows past Nq read lse = +inf (p = 0).
+    # Partial tiles: key j contributes to a row iff j < its k_visible.
+    q = _load_rows(q_bh, qo_b, rows, q_sn, cols, Nq, True)
+    do = _load_rows(do_bh, qo_b, rows, do_sn, cols, Nq, True)
+    row_ok = rows < Nq
+    lse2 = tl.load(lse2_bh + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_bh + rows, mask=row_ok, other=0.0)
+    pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2 - lse2[None, :])
+    if PARTIAL:
+        kvis = tl.load(kvis_b + rows, mask=row_ok, other=0)
+        pT = tl.where(keys[:, None] < kvis[None, :], pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def gca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
+                        q_order_ptr, k_order_ptr, k_visible_ptr, key_tiles_ptr,
+                        scale, scale_log2, Nq, Nk, H, BH, n_ktiles,
+                        q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, do_sb, do_sh, do_sn,
+                        qp_sb, kp_sb, kt_sb,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    # program: one (key tile, b, h), the first key tile (seen by the most queries) first. dk, dv
+    # contiguous (B, H, Nk, D), written at the caller's token positions; lse2, delta sorted fp32.
+    # key_tiles (G, 2, key tiles) int32: first query tile that sees the key tile, first that sees all of it.
+    tile, b, h, bh = _program(BH, H, n_ktiles, False)
+    keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEAD_DIM)
+    key_ok = keys < Nk
+    ktok = tl.load(k_order_ptr + b * kp_sb + keys, mask=key_ok, other=0)
+    k = tl.load(_rows(k_ptr + b * k_sb + h * k_sh, ktok, k_sn, cols), mask=key_ok[:, None], other=0.0)
+    v = tl.load(_rows(v_ptr + b * v_sb + h * v_sh, ktok, v_sn, cols), mask=key_ok[:, None], other=0.0)
+    q_start = tl.load(key_tiles_ptr + b * kt_sb + tile)
+    q_full = tl.load(key_tiles_ptr + b * kt_sb + n_ktiles + tile)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     q_bh = q_ptr + b * q_sb + h * q_sh
     do_bh = do_ptr + b * do_sb + h * do_sh
-    for start_m in range(first_tile * BLOCK_M, Nq, BLOCK_M):
-        _, q, do, qg, lse2, delta = _query_grad_tile(q_bh, do_bh, qg_ptr + b * qg_sb, lse_ptr + bh * Nq,
-                                                     delta_ptr + bh * Nq, start_m + tl.arange(0, BLOCK_M), Nq,
-                                                     q_sn, do_sn, cols)
-        if IEEE:
-            qkT = tl.dot(k, tl.trans(q), input_precision="ieee")
-        else:
-            qkT = tl.dot(k, tl.trans(q))
-        visible = kg[:, None] <= qg[None, :]
-        pT = tl.where(visible, tl.math.exp2(qkT * scale_log2 - lse2[None, :]), 0.0)
-        if IEEE:
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")
-            dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
-        else:
-            dv = tl.dot(pT.to(do.dtype), do, dv)
-            dpT = tl.dot(v, tl.trans(do))
-        dsT = pT * (dpT - delta[None, :])
-        if IEEE:
-            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision="ieee")
-        else:
-            dk = tl.dot(dsT.to(q.dtype), q, dk)
+    qo_b = q_order_ptr + b * qp_sb
+    kvis_b = k_visible_ptr + b * qp_sb
+    for start_m in range(q_start * BLOCK_M, q_full * BLOCK_M, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_bh, do_bh, qo_b, kvis_b, lse2_ptr + bh * Nq, delta_ptr + bh * Nq,
+                            start_m + tl.arange(0, BLOCK_M), keys, Nq, q_sn, do_sn, cols, scale_log2, True, PRECISION)
+    for start_m in range(q_full * BLOCK_M, Nq, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_bh, do_bh, qo_b, kvis_b, lse2_ptr + bh * Nq, delta_ptr + bh * Nq,
+                            start_m + tl.arange(0, BLOCK_M), keys, Nq, q_sn, do_sn, cols, scale_log2, False,
+                            PRECISION)
 
-    tl.store(_tile(dk_ptr + bh * Nk * HEAD_DIM, keys, HEAD_DIM, cols), (dk * scale).to(dk_ptr.dtype.element_ty),
+    tl.store(_rows(dk_ptr + bh * Nk * HEAD_DIM, ktok, HEAD_DIM, cols), (dk * scale).to(dk_ptr.dtype.element_ty),
              mask=key_ok[:, None])
-    tl.store(_tile(dv_ptr + bh * Nk * HEAD_DIM, keys, HEAD_DIM, cols), dv.to(dv_ptr.dtype.element_ty),
+    tl.store(_rows(dv_ptr + bh * Nk * HEAD_DIM, ktok, HEAD_DIM, cols), dv.to(dv_ptr.dtype.element_ty),
              mask=key_ok[:, None])
 
 
 @triton.jit
-def gca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, qg_ptr, kg_ptr, kv_tiles_ptr,
-                      scale, scale_log2, Nq, Nk, H,
+def _dq_tile(dq, q, do, lse2, delta, k_bh, v_bh, ko_b, keys, kvis, Nk, k_sn, v_sn, cols, scale_log2,
+             PARTIAL: tl.constexpr, PRECISION: tl.constexpr):
+    k = _load_rows(k_bh, ko_b, keys, k_sn, cols, Nk, PARTIAL)
+    v = _load_rows(v_bh, ko_b, keys, v_sn, cols, Nk, PARTIAL)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - lse2[:, None])
+    if PARTIAL:
+        p = tl.where(keys[None, :] < kvis[:, None], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@triton.jit
+def gca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, q_order_ptr, k_order_ptr,
+                      k_visible_ptr, scale, scale_log2, Nq, Nk, H, BH, n_qtiles,
                       q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, do_sb, do_sh, do_sn,
-                      qg_sb, kg_sb, tiles_sb,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    # program (query tile, b * H + h); dq contiguous (B, H, Nq, D)
-    pid_m, bh, b, h = _program(H)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                      qp_sb, kp_sb,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    # program: one (query tile, b, h), heaviest first; dq contiguous (B, H, Nq, D) in token order
+    tile, b, h, bh = _program(BH, H, n_qtiles, True)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
-    row_ok, q, do, qg, lse2, delta = _query_grad_tile(q_ptr + b * q_sb + h * q_sh, do_ptr + b * do_sb + h * do_sh,
-                                                      qg_ptr + b * qg_sb, lse_ptr + bh * Nq, delta_ptr + bh * Nq,
-                                                      rows, Nq, q_sn, do_sn, cols)
-    n_tiles = tl.load(kv_tiles_ptr + b * tiles_sb + pid_m)
+    row_ok = rows < Nq
+    qo_b = q_order_ptr + b * qp_sb
+    kvis_b = k_visible_ptr + b * qp_sb
+    tok = tl.load(qo_b + rows, mask=row_ok, other=0)
+    q = tl.load(_rows(q_ptr + b * q_sb + h * q_sh, tok, q_sn, cols), mask=row_ok[:, None], other=0.0)
+    do = tl.load(_rows(do_ptr + b * do_sb + h * do_sh, tok, do_sn, cols), mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(lse2_ptr + bh * Nq + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + bh * Nq + rows, mask=row_ok, other=0.0)
+    kvis = tl.load(kvis_b + rows, mask=row_ok, other=0)
+    n_full = tl.load(kvis_b + tile * BLOCK_M) // BLOCK_N
+    n_end = tl.cdiv(tl.load(kvis_b + tl.minimum(tile * BLOCK_M + BLOCK_M - 1, Nq - 1)), BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_bh = k_ptr + b * k_sb + h * k_sh
     v_bh = v_ptr + b * v_sb + h * v_sh
-    for start_n in range(0, n_tiles * BLOCK_N, BLOCK_N):
-        _, k, v, kg = _kv_tile(k_bh, v_bh, kg_ptr + b * kg_sb, start_n + tl.arange(0, BLOCK_N), Nk, k_sn, v_sn,
-                               cols)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
-        visible = kg[None, :] <= qg[:, None]
-        p = tl.where(visible, tl.math.exp2(qk * scale_log2 - lse2[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
-        else:
-            dq = tl.dot(ds.to(k.dtype), k, dq)
+    ko_b = k_order_ptr + b * kp_sb
+    for start_n in range(0, n_full * BLOCK_N, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_bh, v_bh, ko_b, start_n + tl.arange(0, BLOCK_N), kvis, Nk, k_sn,
+                      v_sn, cols, scale_log2, False, PRECISION)
+    for start_n in range(n_full * BLOCK_N, n_end * BLOCK_N, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_bh, v_bh, ko_b, start_n + tl.arange(0, BLOCK_N), kvis, Nk, k_sn,
+                      v_sn, cols, scale_log2, True, PRECISION)
 
-    tl.store(_tile(dq_ptr + bh * Nq * HEAD_DIM, rows, HEAD_DIM, cols),
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(_rows(dq_ptr + bh * Nq * HEAD_DIM, tok, HEAD_DIM, cols), (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
-# ---------------------------------------------------------------- tile plan (the work counter's rule)
-def tile_plan(q_groups: torch.Tensor, k_groups: torch.Tensor, block_m: int, block_n: int):
-    """Loop bounds from per-tile group ranges, for sorted int32 groups (G, Nq) and (G, Nk).
+# ---------------------------------------------------------------- tile plans (device tensors, no sync)
+def query_tile_plan(k_visible: torch.Tensor, block_m: int, block_n: int):
+    """Per query tile, ``(n_full, n_end)`` int32 (G, query tiles): key tiles [0, n_full) are seen by
+    every row of the tile, [n_full, n_end) by some; the kernels read the same two bounds in-kernel."""
+    Nq = k_visible.shape[-1]
+    first = torch.arange(0, Nq, block_m, device=k_visible.device)
+    last = torch.clamp(first + block_m - 1, max=Nq - 1)
+    n_full = torch.div(k_visible[:, first], block_n, rounding_mode="floor")
+    n_end = torch.div(k_visible[:, last] + block_n - 1, block_n, rounding_mode="floor")
+    return n_full.to(torch.int32), n_end.to(torch.int32)
 
-    Returns int32 ``kv_tiles`` (G, query tiles): key tiles visited by each query tile, and
-    ``q_start`` (G, key tiles): the first query tile that visits each key tile. A pair (t, n) is
-    visited iff min(k_group in tile n) <= max(q_group in tile t); everything else is skipped.
-    """
-    Nq, Nk = q_groups.shape[-1], k_groups.shape[-1]
-    q_last = torch.clamp(torch.arange(block_m - 1, Nq + block_m - 1, block_m, device=q_groups.device), max=Nq - 1)
-    q_max = q_groups[:, q_last].contiguous()                                    # (G, tiles_m), sorted
-    k_min = k_groups[:, ::block_n].contiguous()                                 # (G, tiles_n), sorted
-    kv_tiles = torch.searchsorted(k_min, q_max, right=True).to(torch.int32)
-    q_start = torch.searchsorted(q_max, k_min, right=False).to(torch.int32)
-    return kv_tiles.contiguous(), q_start.contiguous()
+
+def key_tile_plan(k_visible: torch.Tensor, Nk: int, block_m: int, block_n: int) -> torch.Tensor:
+    """(G, 2, key tiles) int32 for the dk/dv kernel: per key tile, the first query tile with a row
+    that sees any of its keys (``q_start``) and the first whose rows all see all of them (``q_full``)."""
+    first_key = torch.arange(0, Nk, block_n, device=k_visible.device, dtype=k_visible.dtype)
+    last_key = torch.clamp(first_key + block_n - 1, max=Nk - 1)
+    keys = torch.stack([first_key, last_key])                    # (2, key tiles)
+    kvis = k_visible.contiguous()
+    # rows seeing key j: the suffix of sorted rows with k_visible > j
+    first_row = torch.searchsorted(kvis, keys.reshape(1, -1).expand(kvis.shape[0], -1).contiguous(), right=True)
+    first_row = first_row.reshape(kvis.shape[0], 2, -1)
+    q_start = torch.div(first_row[:, 0], block_m, rounding_mode="floor")
+    q_full = torch.div(first_row[:, 1] + block_m - 1, block_m, rounding_mode="floor")
+    return torch.stack([q_start, q_full], 1).to(torch.int32).contiguous()
 
 
 def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _config(table, head_dim):
-    cfg = dict(table[head_dim])
-    if _block_override is not None:
-        cfg["BLOCK_M"], cfg["BLOCK_N"] = _block_override
-    return cfg
+def _plan_stride(t):
+    # plan tensors are (G, n): G == 1 is shared by every batch element (stride 0)
+    return 0 if t.shape[0] == 1 else t.stride(0)
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -261,103 +379,143 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def grid(n_tiles: int, batch_heads: int) -> tuple[int]:
+    """The kernels' 1-D grid for ``n_tiles`` tiles per (b, h): within CUDA's 2^31 - 1 x-dimension."""
+    programs = n_tiles * batch_heads
+    if programs > MAX_GRID_X:
+        raise ValueError(f"group_causal_attention: {n_tiles} tiles x B*H = {batch_heads} is {programs} programs, "
+                         f"more than a CUDA grid holds ({MAX_GRID_X}); split the batch")
+    return (programs,)
+
+
 def _launch_opts(cfg):
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
-def forward(q, k, v, q_groups, k_groups, scale):
-    """(out, lse) for sorted int32 groups (G, Nq) / (G, Nk), G in {1, B}; q, k, v (B, H, N, D)
-    with unit stride along D. out is contiguous (B, H, Nq, D); lse fp32 (B, H, Nq)."""
+def forward(q, k, v, q_order, k_order, k_visible, scale):
+    """(out, lse): q, k, v (B, H, N, D) in token order with unit stride along D; the plan tensors
+    q_order, k_visible (G, Nq) and k_order (G, Nk) int32 contiguous, G in {1, B}. out is contiguous
+    (B, H, Nq, D); lse fp32 (B, H, Nq), both in token order."""
     q, k, v = aligned(q), aligned(k), aligned(v)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    cfg = _config(FWD_CONFIG, D)
-    kv_tiles, _ = tile_plan(q_groups, k_groups, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    cfg = config("fwd", D, q.dtype)
     out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
-    gca_fwd_kernel[grid](q, k, v, out, lse, q_groups, k_groups, kv_tiles, scale * LOG2E, Nq, Nk, H,
-                         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                         _group_stride(q_groups), _group_stride(k_groups), _group_stride(kv_tiles),
-                         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                         IEEE=q.dtype == torch.float32, **_launch_opts(cfg))
+    n_qtiles = triton.cdiv(Nq, cfg["BLOCK_M"])
+    gca_fwd_kernel[grid(n_qtiles, B * H)](
+        q, k, v, out, lse, q_order, k_order, k_visible, scale * LOG2E, Nq, Nk, H, B * H, n_qtiles,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), _plan_stride(q_order), _plan_stride(k_order),
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
+        **_launch_opts(cfg))
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, q_groups, k_groups, scale):
-    """(dq, dk, dv), contiguous, for the forward above."""
-    q, k, v, dout = aligned(q), aligned(k), aligned(v), aligned(dout)
+def backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, scale):
+    """(dq, dk, dv), contiguous, in token order, for the forward above. ``key_tiles``: the dk/dv
+    kernel's plan, :func:`key_tile_plan` for ``config("dkdv", D, dtype)``'s blocks (None: built here)."""
+    q, k, v, dout, out = aligned(q), aligned(k), aligned(v), aligned(dout), aligned(out)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    delta = (dout.float() * out.float()).sum(-1).contiguous()   # (B, H, Nq) fp32
+    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    lse2 = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     dq = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, H, Nk, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, H, Nk, D), device=q.device, dtype=v.dtype)
-    ieee = q.dtype == torch.float32
-    common = dict(HEAD_DIM=D, IEEE=ieee)
+    prec = precision(q.dtype)
+    qp, kp = _plan_stride(q_order), _plan_stride(k_order)
 
-    cfg = _config(DKDV_CONFIG, D)
-    _, q_start = tile_plan(q_groups, k_groups, cfg["BLOCK_M"], cfg["BLOCK_N"])
-    gca_bwd_dkdv_kernel[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * H)](
-        q, k, v, dout, lse, delta, dk, dv, q_groups, k_groups, q_start, scale, scale * LOG2E, Nq, Nk, H,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-        _group_stride(q_groups), _group_stride(k_groups), _group_stride(q_start),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common, **_launch_opts(cfg))
+    n_rtiles = triton.cdiv(Nq, DELTA_BLOCK_M)
+    gca_bwd_delta_kernel[grid(n_rtiles, B * H)](
+        out, dout, lse, delta, lse2, q_order, Nq, H, B * H, n_rtiles, *_strides(out), *_strides(dout), qp,
+        HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
 
-    cfg = _config(DQ_CONFIG, D)
-    kv_tiles, _ = tile_plan(q_groups, k_groups, cfg["BLOCK_M"], cfg["BLOCK_N"])
-    gca_bwd_dq_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)](
-        q, k, v, dout, lse, delta, dq, q_groups, k_groups, kv_tiles, scale, scale * LOG2E, Nq, Nk, H,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-        _group_stride(q_groups), _group_stride(k_groups), _group_stride(kv_tiles),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common, **_launch_opts(cfg))
+    cfg = config("dkdv", D, q.dtype)
+    if key_tiles is None:
+        key_tiles = key_tile_plan(k_visible, Nk, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    n_ktiles = triton.cdiv(Nk, cfg["BLOCK_N"])
+    if key_tiles.shape[-1] != n_ktiles:
+        raise ValueError(f"key_tiles has {key_tiles.shape[-1]} key tiles; the dk/dv kernel's {cfg['BLOCK_N']}-key "
+                         f"tiles need {n_ktiles}: build it with key_tile_plan for config('dkdv', ...)")
+    gca_bwd_dkdv_kernel[grid(n_ktiles, B * H)](
+        q, k, v, dout, lse2, delta, dk, dv, q_order, k_order, k_visible, key_tiles, scale, scale * LOG2E,
+        Nq, Nk, H, B * H, n_ktiles, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qp, kp,
+        _plan_stride(key_tiles), HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=prec,
+        **_launch_opts(cfg))
+
+    cfg = config("dq", D, q.dtype)
+    n_qtiles = triton.cdiv(Nq, cfg["BLOCK_M"])
+    gca_bwd_dq_kernel[grid(n_qtiles, B * H)](
+        q, k, v, dout, lse2, delta, dq, q_order, k_order, k_visible, scale, scale * LOG2E, Nq, Nk, H, B * H,
+        n_qtiles, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qp, kp,
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=prec, **_launch_opts(cfg))
     return dq, dk, dv
-
-
-def _group_stride(t):
-    # groups and tile plans are (G, n): G == 1 is shared by every batch element (stride 0)
-    return 0 if t.shape[0] == 1 else t.stride(0)
 
 
 # ---------------------------------------------------------------- AOT specs
 _STRIDES = ["q_sb", "q_sh", "q_sn", "k_sb", "k_sh", "k_sn", "v_sb", "v_sh", "v_sn"]
+_CONST = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION")
 
 
 def _fwd_sig(dt):
     sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{dt}", "lse_ptr": "*fp32",
-           "qg_ptr": "*i32", "kg_ptr": "*i32", "kv_tiles_ptr": "*i32", "scale_log2": "fp32",
-           "Nq": "i32", "Nk": "i32", "H": "i32"}
-    sig.update({s: "i32" for s in _STRIDES + ["o_sb", "o_sh", "o_sn", "qg_sb", "kg_sb", "tiles_sb"]})
-    sig.update({c: "constexpr" for c in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "IEEE")})
+           "q_order_ptr": "*i32", "k_order_ptr": "*i32", "k_visible_ptr": "*i32", "scale_log2": "fp32",
+           "Nq": "i32", "Nk": "i32", "H": "i32", "BH": "i32", "n_qtiles": "i32"}
+    sig.update({s: "i32" for s in _STRIDES + ["o_sb", "o_sh", "o_sn", "qp_sb", "kp_sb"]})
+    sig.update({c: "constexpr" for c in _CONST})
     return sig
 
 
 def _bwd_sig(dt, dq: bool):
-    sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "do_ptr": f"*{dt}", "lse_ptr": "*fp32",
+    sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "do_ptr": f"*{dt}", "lse2_ptr": "*fp32",
            "delta_ptr": "*fp32"}
     if dq:
         sig["dq_ptr"] = f"*{dt}"
     else:
         sig.update({"dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}"})
-    sig.update({"qg_ptr": "*i32", "kg_ptr": "*i32", ("kv_tiles_ptr" if dq else "q_start_ptr"): "*i32",
-                "scale": "fp32", "scale_log2": "fp32", "Nq": "i32", "Nk": "i32", "H": "i32"})
-    sig.update({s: "i32" for s in _STRIDES + ["do_sb", "do_sh", "do_sn", "qg_sb", "kg_sb", "tiles_sb"]})
-    sig.update({c: "constexpr" for c in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "IEEE")})
+    sig.update({"q_order_ptr": "*i32", "k_order_ptr": "*i32", "k_visible_ptr": "*i32"})
+    if not dq:
+        sig["key_tiles_ptr"] = "*i32"
+    sig.update({"scale": "fp32", "scale_log2": "fp32", "Nq": "i32", "Nk": "i32", "H": "i32", "BH": "i32",
+                ("n_qtiles" if dq else "n_ktiles"): "i32"})
+    sig.update({s: "i32" for s in _STRIDES + ["do_sb", "do_sh", "do_sn", "qp_sb", "kp_sb"]})
+    if not dq:
+        sig["kt_sb"] = "i32"
+    sig.update({c: "constexpr" for c in _CONST})
+    return sig
+
+
+def _delta_sig(dt):
+    sig = {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "lse2_ptr": "*fp32",
+           "q_order_ptr": "*i32", "Nq": "i32", "H": "i32", "BH": "i32", "n_tiles": "i32"}
+    sig.update({s: "i32" for s in ("o_sb", "o_sh", "o_sn", "do_sb", "do_sh", "do_sn", "qp_sb")})
+    sig.update({"HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"})
     return sig
 
 
 def _specs():
+    """Every production configuration: fp16 and bf16 on the 16-bit tiles, fp32 on its own, head dims
+    64 and 128, the three main kernels and the delta pre-pass."""
     specs = []
-    for dt in ("fp16", "bf16"):
+    variants = [("fp16", "tf32", (FWD_CONFIG, DKDV_CONFIG, DQ_CONFIG), True),
+                ("bf16", "tf32", (FWD_CONFIG, DKDV_CONFIG, DQ_CONFIG), True),
+                ("fp32", "ieee", (FP32_FWD_CONFIG, FP32_DKDV_CONFIG, FP32_DQ_CONFIG), False)]
+    for dt, prec, tables, tensor_cores in variants:
         for d in (64, 128):
-            for kernel, table, sig, what in (("gca_fwd_kernel", FWD_CONFIG, _fwd_sig(dt), "fwd"),
-                                             ("gca_bwd_dkdv_kernel", DKDV_CONFIG, _bwd_sig(dt, False), "bwd dkdv"),
-                                             ("gca_bwd_dq_kernel", DQ_CONFIG, _bwd_sig(dt, True), "bwd dq")):
+            for kernel, table, sig, what in (("gca_fwd_kernel", tables[0], _fwd_sig(dt), "fwd"),
+                                             ("gca_bwd_dkdv_kernel", tables[1], _bwd_sig(dt, False), "bwd dkdv"),
+                                             ("gca_bwd_dq_kernel", tables[2], _bwd_sig(dt, True), "bwd dq")):
                 cfg = table[d]
                 specs.append(AotSpec(kernel, sig, {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"],
-                                                   "BLOCK_N": cfg["BLOCK_N"], "IEEE": False},
-                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], tensor_cores=True,
-                                     label=f"{what} {dt} d{d} {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"))
+                                                   "BLOCK_N": cfg["BLOCK_N"], "PRECISION": prec},
+                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                     tensor_cores=tensor_cores,
+                                     label=f"{what} {dt} d{d} "
+                                           f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"))
+    for dt in ("fp16", "bf16", "fp32"):
+        for d in (64, 128):
+            specs.append(AotSpec("gca_bwd_delta_kernel", _delta_sig(dt), {"HEAD_DIM": d, "BLOCK_M": DELTA_BLOCK_M},
+                                 num_warps=4, label=f"bwd delta {dt} d{d} {DELTA_BLOCK_M} rows"))
     return specs
 
 

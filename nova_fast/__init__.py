@@ -13,6 +13,7 @@ _LAZY = {
     "frame_groups": "nova_fast.ops.group_causal_attention",
     "random_set_groups": "nova_fast.ops.group_causal_attention",
     "attention_work": "nova_fast.ops.group_causal_attention",
+    "MaskPlan": "nova_fast.ops.group_causal_attention",
     "modulate": "nova_fast.ops.modulate",
     "residual_norm": "nova_fast.ops.residual_norm",
     "denoise_tokens": "nova_fast.ops.denoise_tokens",

@@ -38,8 +38,9 @@ def run_case(backend, q_groups, k_groups, B, H, Nq, Nk, D, dtype, device, seed=0
     with nova_fast.use_backend(backend, op="group_causal_attention"):
         out = group_causal_attention(*leaves, q_groups.to(device),
                                      None if k_groups is None else k_groups.to(device), scale=scale)
+        assert backends.last_used()["group_causal_attention"][0] == backend
+        out.backward(grad)  # inside the block: the backward op resolves the backend when it runs
     assert backends.last_used()["group_causal_attention"][0] == backend
-    out.backward(grad)
     kg = q_groups if k_groups is None else k_groups
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = reference(*ref_leaves, q_groups.to(device), kg.to(device), scale)
@@ -139,6 +140,9 @@ def test_attention_work():
     w = attention_work(g, block_m=32, block_n=32)
     assert (w["tiles_visited"], w["tiles_total"]) == (10, 16)    # lower block triangle of 4 x 4 tiles
     assert w["pairs_visible"] == 32 * 32 * 10 and w["pair_fraction"] == pytest.approx(10 / 16)
+    assert (w["tiles_full"], w["tiles_partial"], w["useful_fraction"]) == (10, 0, 1.0)   # frame edges on tile edges
+    w = attention_work(g, block_m=64, block_n=16)        # 2 query tiles: frames 0-1, 2-3
+    assert (w["tiles_visited"], w["tiles_full"], w["tiles_partial"]) == (4 + 8, 2 + 6, 2 + 2)
     assert attention_work(torch.zeros(100, dtype=torch.int32))["tile_fraction"] == 1.0
     shuffled = g[torch.randperm(128, generator=torch.Generator().manual_seed(0))]
     assert attention_work(shuffled, block_m=32, block_n=32)["tiles_visited"] == 10   # sorted first, like the op
@@ -186,10 +190,23 @@ def test_torch_compile():
 TRITON_SHAPES = [(1, 2, 45, 45), (2, 1, 29, 77)]
 
 
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty hands out NaN-filled float buffers: an output element a kernel does not write fails."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_triton_parity(shape, dtype, triton_device):
+def test_triton_parity(shape, dtype, triton_device, poisoned_empty):
+    # 16 x 16 tiles: several query and key tiles per sequence, so full, partial and skipped tiles,
+    # ragged last tiles and the heaviest-first order all occur
     from nova_fast.kernels.group_causal_attention import blocks
 
     B, H, Nq, Nk = shape
@@ -203,13 +220,29 @@ def test_triton_parity(shape, dtype, triton_device):
 
 
 @pytest.mark.triton
-def test_triton_head_dim_128_and_batch_groups(triton_device):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_triton_fp32_production_tiles(head_dim, triton_device, poisoned_empty):
+    """fp32 runs its own (small) production tiles: small enough for the interpreter, so the exact
+    configuration a GPU launches is checked here too."""
+    gen = torch.Generator().manual_seed(head_dim)
+    qg = random_set_groups(60, 5, gen, prefix_len=11)
+    run_case("triton", qg, None, 1, 1, 71, 71, head_dim, torch.float32, triton_device)
+    kv = (torch.full((40,), 2, dtype=torch.int32), torch.cat([frame_groups(2, 20, 3), torch.full((40,), 2).int()]))
+    run_case("triton", *kv, 1, 1, 40, 83, head_dim, torch.float32, triton_device)
+
+
+@pytest.mark.triton
+def test_triton_head_dim_128_and_batch_groups(triton_device, poisoned_empty):
     from nova_fast.kernels.group_causal_attention import blocks
 
     gen = torch.Generator().manual_seed(8)
     qg = torch.stack([random_set_groups(33, 4, gen), torch.randint(-1, 3, (33,), generator=gen).int()])
     with blocks(16, 32):
         run_case("triton", qg, None, 2, 1, 33, 33, 128, torch.float32, triton_device)
+    # q groups shared by the batch, k groups per batch row (the plan expands the shared side)
+    kg = torch.stack([torch.randint(0, 4, (40,), generator=gen), torch.randint(1, 3, (40,), generator=gen)]).int()
+    with blocks(16, 16):
+        run_case("triton", frame_groups(3, 10, 3), kg, 2, 1, 33, 40, 64, torch.float16, triton_device)
 
 
 @pytest.mark.triton
@@ -223,22 +256,47 @@ def test_triton_skips_tiles_it_cannot_see(triton_device):
     k_poisoned, v_poisoned = k.clone(), v.clone()
     k_poisoned[:, :, 48:] = float("nan")  # frame 3: visible only to frame 3's queries
     v_poisoned[:, :, 48:] = float("nan")
-    gi = g[None].to(triton_device)
+    plan = gca.MaskPlan(g[:48].to(triton_device), g.to(triton_device))
     with kernels.blocks(16, 16):
-        out, _ = kernels.forward(q[:, :, :48], k_poisoned, v_poisoned, gi[:, :48], gi, 0.125)
-        ref, _ = kernels.forward(q[:, :, :48], k, v, gi[:, :48], gi, 0.125)
+        out, _ = kernels.forward(q[:, :, :48], k_poisoned, v_poisoned, plan.q_order, plan.k_order, plan.k_visible,
+                                 0.125)
+        ref, _ = kernels.forward(q[:, :, :48], k, v, plan.q_order, plan.k_order, plan.k_visible, 0.125)
     assert torch.isfinite(out).all() and torch.equal(out, ref)
     assert attention_work(g, block_m=16, block_n=16)["tiles_visited"] == 10
 
 
 # ---------------------------------------------------------------- AOT
+# dynamic shared memory one block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
 @pytest.mark.aot
 @pytest.mark.slow
-def test_aot_compiles_without_spills_with_tensor_cores():
+def test_aot_production_configs_compile_without_spills_within_shared_memory():
     pytest.importorskip("triton")
+    from nova_fast.kernels import group_causal_attention as kernels
     from nova_fast.testing import triton_aot
 
+    # the specs are the configurations the launchers pick, every dtype (fp32 included) and head dim
+    launched = set()
+    for dtype, dt in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for d in (64, 128):
+            for kind, kernel in (("fwd", "gca_fwd_kernel"), ("dkdv", "gca_bwd_dkdv_kernel"),
+                                 ("dq", "gca_bwd_dq_kernel")):
+                cfg = kernels.config(kind, d, dtype)
+                launched.add((kernel, dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"],
+                              kernels.precision(dtype)))
+    compiled = {(s.kernel, s.signature["q_ptr" if "q_ptr" in s.signature else "o_ptr"][1:], s.constexprs["HEAD_DIM"],
+                 s.constexprs["BLOCK_M"], s.constexprs.get("BLOCK_N"), s.num_warps, s.num_stages,
+                 s.constexprs.get("PRECISION")) for s in kernels.AOT_SPECS if s.kernel != "gca_bwd_delta_kernel"}
+    assert launched == compiled
+    assert ("fp32", "ieee") in {(k[1], k[7]) for k in compiled}
+
     results = triton_aot.compile_in_subprocess("nova_fast.kernels.group_causal_attention")
-    assert len(results) == 2 * 2 * 3 * 2  # dtypes x head dims x (fwd, dkdv, dq) x (sm_80, sm_90)
+    # (dtypes x head dims x kernels + the delta pre-pass per dtype and head dim) x (sm_80, sm_90)
+    assert len(results) == 2 * len(kernels.AOT_SPECS) == 2 * (3 * 2 * 3 + 3 * 2)
     assert triton_aot.problems(results) == []
-    assert all(r.hgmma > 0 for r in results if r.arch == 90)
+    over = [f"{r.spec} sm_{r.arch}: {r.shared_bytes} B" for r in results if r.shared_bytes > SHARED_LIMIT[r.arch]]
+    assert over == [], f"shared memory over the architecture's limit: {over}"
+    assert all(r.hgmma > 0 for r in results if r.arch == 90 and r.tensor_cores)
+    assert all(r.hmma == 0 and r.hgmma == 0 for r in results if "fp32" in r.spec)  # exact fp32: FMA, not TF32

@@ -25,12 +25,10 @@ def _inputs(B, H, Nq, Nk, D, seed):
 
 def _call_kernel(q, k, v, q_groups, k_groups, scale):
     """The ATen op on poisoned outputs, with the orders and k_visible the op computes."""
-    qg, kg = q_groups[None] if q_groups.dim() == 1 else q_groups, k_groups[None] if k_groups.dim() == 1 else k_groups
-    q_order, k_order = gca._sort_order(qg), gca._sort_order(kg)
-    qs, ks = torch.gather(qg, 1, q_order), torch.gather(kg, 1, k_order)
+    plan = gca.MaskPlan(q_groups, k_groups)
+    q_order, k_order, k_visible = plan.q_order.long(), plan.k_order.long(), plan.k_visible.long()
     out = poison_like(q)
     lse = torch.full(q.shape[:3], float("nan"))
-    k_visible = torch.searchsorted(ks.contiguous(), qs.contiguous(), right=True)
     torch.ops.nova_fast_cpu.group_causal_attention_out(q, k, v, q_order, k_order, k_visible, scale, out, lse)
     return out, lse
 

@@ -17,10 +17,13 @@ empty), with zero gradients. ``scale`` defaults to 1/sqrt(D).
 Without groups the call is plain bidirectional attention: flash-attn on CUDA where installed
 (fp16/bf16), else ``F.scaled_dot_product_attention``: the lean path NOVA's generation uses.
 
-Unsorted groups (random sets) are made contiguous first: a stable sort by group (per batch row for
-(B, N) groups) orders the queries (and keys), the sorted problem is solved, and the output goes back
-to the caller's token order. In the sorted problem the keys a query sees are a prefix of the keys
-(the first ``searchsorted(k_groups, its group)``), which every backend uses:
+Every backend works on the problem sorted by group: a stable sort by group (per batch row for
+(B, N) groups) orders the queries (and keys), and in the sorted problem the keys a query sees are a
+prefix of the keys (the first ``searchsorted(k_groups, its group)``). A :class:`MaskPlan` holds the
+sort orders, those prefix lengths and the kernels' tile plans, built on the groups' device with no
+host synchronisation; it is built once per mask (cached on the group tensors, or built by the caller
+and passed in place of ``q_groups``) and shared by every layer and by the backward. The kernels
+read q, k, v and write the outputs in the caller's token order through the orders:
 
 - ``torch`` on fp32 CPU tensors: the CPU kernel ``csrc/cpu/group_causal_attention.cpp``
   (``torch.ops.nova_fast_cpu.group_causal_attention_out``, built on first use like the other CPU
@@ -29,23 +32,28 @@ to the caller's token order. In the sorted problem the keys a query sees are a p
   is fused into its loads and stores (it reads q, k, v and writes the output in the caller's token
   order), the mask comes from the prefix lengths, and it returns the log-sum-exp the backward takes.
 - ``torch`` otherwise (fp16 / bf16 on CPU, the CPU kernels off or not built, other devices):
-  queries of consecutive groups in chunks of at least ``CHUNK_QUERIES``, each over the keys all its
-  rows see (a prefix view, no mask) and its own key range (a small chunk x range mask), merged
-  through their log-sum-exps. On CPU each call is ATen's flash-attention kernel for CPU
+  q, k, v gathered into sorted order, then queries of consecutive groups in chunks of at least
+  ``CHUNK_QUERIES``, each over the keys all its rows see (a prefix view, no mask) and its own key
+  range (a small chunk x range mask), merged through their log-sum-exps; the results scattered back.
+  On CPU each call is ATen's flash-attention kernel for CPU
   (``_scaled_dot_product_flash_attention_for_cpu``: its forward returns the log-sum-exp and its
-  backward takes it); elsewhere explicit fp32 math. The backward always takes this path.
-  ``backend_info()["last_used"]["group_causal_attention"]["path"]`` says which ran and why.
-  Either way memory is O(N) beyond the inputs.
+  backward takes it); elsewhere explicit fp32 math. The chunk plan is read on the host, so this
+  fallback synchronises on a GPU (the Triton backend, auto's choice there, does not). The backward
+  always takes this path. ``backend_info()["last_used"]["group_causal_attention"]["path"]`` says
+  which ran and why. Either way memory is O(N) beyond the inputs.
 - ``triton``: ``nova_fast.kernels.group_causal_attention``: FlashAttention-2 forward and backward
-  that derive the mask from the group ids in registers and skip key tiles no query of the tile
-  sees. :func:`attention_work` reports the tiles it visits.
+  that gather rows through the plan's orders, run the key tiles every row of a query tile sees
+  without mask arithmetic and mask only the partial tiles, skip the rest, and take the heaviest
+  tiles first. :func:`attention_work` reports the tiles it visits.
 
-Autograd: ``torch.library`` custom ops ``nova_fast::group_causal_attention`` (returns out and the
-fp32 log-sum-exp, +inf for rows that see no key) and ``nova_fast::group_causal_attention_backward``,
-with fake kernels, so the op works under ``torch.compile``.
+Autograd: ``torch.library`` custom ops ``nova_fast::group_causal_attention`` (takes the plan's
+tensors, returns out and the fp32 log-sum-exp in token order, +inf for rows that see no key) and
+``nova_fast::group_causal_attention_backward``, with fake kernels, so the op works under
+``torch.compile`` (``fullgraph=True``: nothing in the call breaks the graph).
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -83,7 +91,9 @@ def random_set_groups(num_tokens: int, set_sizes, generator: torch.Generator | N
     ``set_sizes``: a sequence of sizes summing to ``num_tokens``, or an int S (S sets, sizes as equal
     as possible). ``prefix_len`` tokens placed first (e.g. the temporal encoder's output) get group
     0, shared with the first set: every token sees them. Returns int32 (prefix_len + num_tokens,),
-    in token order (not sorted).
+    in token order (not sorted), on ``device`` (default: the generator's device, else CPU), built
+    there: the permutation is drawn on the generator's device (torch's CPU and CUDA generators give
+    different permutations for one seed).
     """
     if not isinstance(num_tokens, int) or num_tokens < 1:
         raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
@@ -92,18 +102,29 @@ def random_set_groups(num_tokens: int, set_sizes, generator: torch.Generator | N
     if isinstance(set_sizes, int):
         if not 1 <= set_sizes <= num_tokens:
             raise ValueError(f"set_sizes = {set_sizes} sets must be in 1..num_tokens ({num_tokens})")
-        base, extra = divmod(num_tokens, set_sizes)
-        sizes = [base + (1 if s < extra else 0) for s in range(set_sizes)]
+        sizes = None
     else:
         sizes = [int(s) for s in set_sizes]
         if not sizes or min(sizes) < 1 or sum(sizes) != num_tokens:
             raise ValueError(f"set_sizes must be positive and sum to num_tokens ({num_tokens}), got {sizes}")
-    set_of_rank = torch.arange(len(sizes), dtype=torch.int32).repeat_interleave(torch.tensor(sizes))
-    order = torch.randperm(num_tokens, generator=generator)
-    groups = torch.empty(num_tokens, dtype=torch.int32)
+    # drawn and built where the groups live (the generator's device when one is given): no host
+    # tensor is made and copied over
+    where = torch.device(device) if device is not None else (generator.device if generator is not None
+                                                              else torch.device("cpu"))
+    draw_on = generator.device if generator is not None else where
+    rank = torch.arange(num_tokens, dtype=torch.int32, device=where)
+    if sizes is None:  # S sets, sizes as equal as possible: the first `extra` sets hold one more
+        base, extra = divmod(num_tokens, set_sizes)
+        big = extra * (base + 1)
+        set_of_rank = torch.where(rank < big, rank // (base + 1), extra + (rank - big) // base)
+    else:
+        set_of_rank = torch.zeros(num_tokens, dtype=torch.int32, device=where)
+        for end in itertools.accumulate(sizes[:-1]):
+            set_of_rank[end:] += 1
+    order = torch.randperm(num_tokens, generator=generator, device=draw_on).to(where)
+    groups = torch.empty(num_tokens, dtype=torch.int32, device=where)
     groups[order] = set_of_rank  # the token at rank r of the random order joins the set holding rank r
-    groups = torch.cat([torch.zeros(prefix_len, dtype=torch.int32), groups])
-    return groups.to(device) if device is not None else groups
+    return torch.cat([torch.zeros(prefix_len, dtype=torch.int32, device=where), groups])
 
 
 # ---------------------------------------------------------------- argument checks
@@ -245,12 +266,9 @@ def _chunk_path(q: Tensor) -> str:
     return f"ATen flash attention for CPU per query chunk ({why})"
 
 
-def _forward_cpu_kernel(q, k, v, q_order, k_order, qg, kg, scale):
-    """(out, lse) by the CPU kernel. qg, kg: (G, N) groups in sorted order; q_order / k_order: the
-    (G, N) int64 orders that sort the caller's tokens (None: already sorted). out and lse come back
-    in the caller's token order."""
-    # keys sorted by group: the keys a query sees are the first searchsorted(kg, its group) of them
-    k_visible = torch.searchsorted(kg, qg, right=True)
+def _forward_cpu_kernel(q, k, v, plan_args, scale):
+    """(out, lse) by the CPU kernel, in the caller's token order: it reads q, k, v through the orders."""
+    q_order, k_order, k_visible = _cpu_index(plan_args)
     out = torch.empty(q.shape, dtype=torch.float32)
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
     backends.record_path(OP, CPU_KERNEL_PATH)
@@ -258,10 +276,44 @@ def _forward_cpu_kernel(q, k, v, q_order, k_order, qg, kg, scale):
     return out, lse
 
 
-def _forward_torch(q, k, v, q_groups, k_groups, scale):
+def _host_order(order: Tensor) -> Tensor | None:
+    """None for an identity order (groups already sorted) of CPU tensors, where checking costs no
+    device wait; the order itself otherwise (on a device it is never read on the host)."""
+    if order.device.type == "cpu" and (order.shape[1] < 2 or bool((order[:, 1:] > order[:, :-1]).all())):
+        return None
+    return order
+
+
+def _cpu_index(plan_args):
+    """The CPU kernel's int64 (q_order, k_order, k_visible), an identity order passed as None."""
+    q_order, k_order, _, _, k_visible = plan_args
+    q_order, k_order = _host_order(q_order), _host_order(k_order)
+    return (None if q_order is None else q_order.long().contiguous(),
+            None if k_order is None else k_order.long().contiguous(), k_visible.long().contiguous())
+
+
+def _forward_torch(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
+    """(out, lse) in token order; the plan arguments as :class:`MaskPlan` holds them."""
+    plan_args = (q_order, k_order, q_groups, k_groups, k_visible)
     if _cpu_kernel_ready(q):
-        return _forward_cpu_kernel(q, k, v, None, None, q_groups, k_groups, scale)
+        return _forward_cpu_kernel(q, k, v, plan_args, scale)
     backends.record_path(OP, _chunk_path(q))
+    q_order, k_order = _host_order(q_order), _host_order(k_order)
+    out, lse = _forward_chunks(_permute(q, q_order), _permute(k, k_order), _permute(v, k_order),
+                               q_groups, k_groups, scale)
+    return _unpermute(out, q_order), _unpermute(lse, q_order)
+
+
+def _backward_torch(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
+    q_order, k_order = _host_order(q_order), _host_order(k_order)
+    qo = lambda t: _permute(t, q_order)  # noqa: E731
+    dq, dk, dv = _backward_chunks(qo(dout), qo(q), _permute(k, k_order), _permute(v, k_order), qo(out), qo(lse),
+                                  q_groups, k_groups, scale)
+    return _unpermute(dq, q_order), _unpermute(dk, k_order), _unpermute(dv, k_order)
+
+
+def _forward_chunks(q, k, v, q_groups, k_groups, scale):
+    """(out, lse) of the chunked path for q, k, v and (G, N) groups all in sorted order."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     for bs, qg, kg, plan in _batch_rows(q_groups, k_groups):
@@ -287,7 +339,8 @@ def _forward_torch(q, k, v, q_groups, k_groups, scale):
     return out, lse
 
 
-def _backward_torch(dout, q, k, v, out, lse, q_groups, k_groups, scale):
+def _backward_chunks(dout, q, k, v, out, lse, q_groups, k_groups, scale):
+    """(dq, dk, dv) of the chunked path, every argument in sorted order."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     # keys collect gradient from every group that sees them: accumulate in fp32
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
@@ -314,16 +367,16 @@ def _backward_torch(dout, q, k, v, out, lse, q_groups, k_groups, scale):
 
 
 # ---------------------------------------------------------------- triton backend
-def _forward_triton(q, k, v, q_groups, k_groups, scale):
+def _forward_triton(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
     from nova_fast.kernels import group_causal_attention as kernels
 
-    return kernels.forward(q, k, v, q_groups, k_groups, scale)
+    return kernels.forward(q, k, v, q_order, k_order, k_visible, scale)
 
 
-def _backward_triton(dout, q, k, v, out, lse, q_groups, k_groups, scale):
+def _backward_triton(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
     from nova_fast.kernels import group_causal_attention as kernels
 
-    return kernels.backward(dout, q, k, v, out, lse, q_groups, k_groups, scale)
+    return kernels.backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, scale)
 
 
 FORWARD = {"torch": _forward_torch, "triton": _forward_triton}
@@ -331,80 +384,199 @@ BACKWARD = {"torch": _backward_torch, "triton": _backward_triton}
 
 
 # ---------------------------------------------------------------- torch.library registration
+# The plan arguments (see MaskPlan): q_order / k_order (G, N) int32 sorted position -> token,
+# q_groups / k_groups (G, N) int32 sorted, k_visible (G, Nq) int32, key_tiles (G, 2, key tiles) int32
+# or None (the Triton backward's dk/dv plan). q, k, v, out, lse and the gradients are in token order.
 @torch.library.custom_op("nova_fast::group_causal_attention", mutates_args=())
-def group_causal_attention_op(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor, k_groups: Tensor,
+def group_causal_attention_op(q: Tensor, k: Tensor, v: Tensor, q_order: Tensor, k_order: Tensor, q_groups: Tensor,
+                              k_groups: Tensor, k_visible: Tensor, key_tiles: Tensor | None,
                               scale: float) -> tuple[Tensor, Tensor]:
-    """(out, lse) for groups already sorted along the sequence, (G, N) int32 with G in {1, B}."""
+    """(out, fp32 lse) in token order."""
     backend = backends.resolve(OP, q.device, SUPPORTED)
-    return FORWARD[backend](q, k, v, q_groups, k_groups, scale)
+    return FORWARD[backend](q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale)
 
 
 @group_causal_attention_op.register_fake
-def _(q, k, v, q_groups, k_groups, scale):
+def _(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("nova_fast::group_causal_attention_backward", mutates_args=())
 def group_causal_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                       q_groups: Tensor, k_groups: Tensor, scale: float
+                                       q_order: Tensor, k_order: Tensor, q_groups: Tensor, k_groups: Tensor,
+                                       k_visible: Tensor, key_tiles: Tensor | None, scale: float
                                        ) -> tuple[Tensor, Tensor, Tensor]:
     backend = backends.resolve(OP, q.device, SUPPORTED)
-    return BACKWARD[backend](dout, q, k, v, out, lse, q_groups, k_groups, scale)
+    return BACKWARD[backend](dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles,
+                             scale)
 
 
 @group_causal_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, q_groups, k_groups, scale):
+def _(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_groups, k_groups, scale = inputs
+    q, k, v, *plan, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, q_groups, k_groups)
+    ctx.save_for_backward(q, k, v, out, lse, *plan[:-1])
+    ctx.key_tiles = plan[-1]  # optional: save_for_backward takes tensors only
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, q_groups, k_groups = ctx.saved_tensors
-    dq, dk, dv = group_causal_attention_backward_op(dout, q, k, v, out, lse, q_groups, k_groups, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, *plan = ctx.saved_tensors
+    dq, dk, dv = group_causal_attention_backward_op(dout, q, k, v, out, lse, *plan, ctx.key_tiles, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 group_causal_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ---------------------------------------------------------------- sorting (random sets)
-def _is_sorted(g: Tensor) -> bool:
-    return g.shape[1] < 2 or bool((g[:, 1:] >= g[:, :-1]).all())
-
-
-def _sort_order(g: Tensor) -> Tensor:
-    """Stable order that sorts each row of (G, N) groups (int64 indices)."""
-    return torch.sort(g, dim=1, stable=True).indices
-
-
-def _permute(x: Tensor, order: Tensor) -> Tensor:
-    """x (B, H, N, D) with its tokens in ``order`` ((1, N) shared, or (B, N) per batch row)."""
+# ---------------------------------------------------------------- permutations (torch backend)
+def _permute(x: Tensor, order: Tensor | None) -> Tensor:
+    """x (B, H, N, ...) with its tokens (dim 2) in ``order`` ((1, N) shared, or (B, N) per batch row;
+    None: already in order)."""
+    if order is None:
+        return x
+    order = order.long()
     if order.shape[0] == 1:
         return x.index_select(2, order[0])
-    index = order[:, None, :, None].expand(x.shape[0], x.shape[1], order.shape[1], x.shape[3])
-    return torch.gather(x, 2, index)
+    index = order[:, None, :].reshape(order.shape[0], 1, order.shape[1], *([1] * (x.dim() - 3)))
+    return torch.gather(x, 2, index.expand(x.shape[0], x.shape[1], *x.shape[2:]))
 
 
-def _inverse(order: Tensor) -> Tensor:
-    inv = torch.empty_like(order)
-    inv.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return inv
+def _unpermute(x: Tensor, order: Tensor | None) -> Tensor:
+    """The inverse of :func:`_permute`: x in sorted order back to token order."""
+    if order is None:
+        return x
+    order = order.long()
+    out = torch.empty_like(x)
+    if order.shape[0] == 1:
+        return out.index_copy_(2, order[0], x)
+    index = order[:, None, :].reshape(order.shape[0], 1, order.shape[1], *([1] * (x.dim() - 3)))
+    return out.scatter_(2, index.expand(x.shape[0], x.shape[1], *x.shape[2:]), x)
+
+
+# ---------------------------------------------------------------- mask plan
+class MaskPlan:
+    """Everything the kernels need to know about one mask, built once on the groups' device with no
+    host synchronisation, and reused by every call that shares the mask (layers, steps, backward).
+
+    ``MaskPlan(q_groups, k_groups=None, batch=None)``: groups as :func:`group_causal_attention` takes
+    them; ``batch`` is needed only when one side is per batch row and the other shared. Holds (G,
+    N) int32 tensors, G in {1, B}: ``q_order`` / ``k_order`` (sorted position -> token: the stable
+    sort by group), ``q_sorted`` / ``k_sorted`` (the groups in that order) and ``k_visible``
+    (keys the query at sorted position i sees: the first k_visible[i] sorted keys); plus each
+    kernel's tile plan, built on first use per block size and cached (:meth:`key_tiles`,
+    :meth:`query_tiles`). Pass it as ``q_groups`` to :func:`group_causal_attention`. Plain group
+    tensors get one cached on them too (keyed on their in-place version), except inference tensors
+    (no version counter), calls in inference mode and under torch.compile: there a caller that
+    wants the reuse builds the plan once and passes it.
+    """
+
+    def __init__(self, q_groups: Tensor, k_groups: Tensor | None = None, *, batch: int | None = None):
+        def rows(name, g, length=None):
+            if not isinstance(g, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor of group ids, got {type(g).__name__}")
+            return _check_groups(name, g, g.shape[0] if g.dim() == 2 else 1, g.shape[-1] if length is None
+                                 else length, q_groups.device)
+
+        qg = rows("q_groups", q_groups)
+        kg = qg if k_groups is None else rows("k_groups", k_groups)
+        if qg.shape[0] != kg.shape[0]:
+            if min(qg.shape[0], kg.shape[0]) != 1:
+                raise ValueError(f"q_groups and k_groups have different batch sizes: {qg.shape[0]} and {kg.shape[0]}")
+            rows_b = max(qg.shape[0], kg.shape[0])
+            if batch is not None and batch != rows_b:
+                raise ValueError(f"batch = {batch} but the per-batch groups have {rows_b} rows")
+            qg, kg = qg.expand(rows_b, -1).contiguous(), kg.expand(rows_b, -1).contiguous()
+        self.device = qg.device
+        self.batch_rows = qg.shape[0]
+        self.Nq, self.Nk = qg.shape[1], kg.shape[1]
+        q_sorted, q_order = torch.sort(qg, dim=1, stable=True)
+        self.q_sorted, self.q_order = q_sorted.contiguous(), q_order.to(torch.int32).contiguous()
+        if k_groups is None:
+            self.k_sorted, self.k_order = self.q_sorted, self.q_order
+        else:
+            k_sorted, k_order = torch.sort(kg, dim=1, stable=True)
+            self.k_sorted, self.k_order = k_sorted.contiguous(), k_order.to(torch.int32).contiguous()
+        self.k_visible = torch.searchsorted(self.k_sorted, self.q_sorted, right=True, out_int32=True).contiguous()
+        self._key_tiles: dict[tuple[int, int], Tensor] = {}
+        self._query_tiles: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def check(self, B: int, Nq: int, Nk: int, device) -> None:
+        """Refuse a plan that does not describe this call's shapes."""
+        if self.device != device:
+            raise ValueError(f"the mask plan is on {self.device} but q is on {device}")
+        if (self.Nq, self.Nk) != (Nq, Nk):
+            raise ValueError(f"the mask plan is for Nq = {self.Nq}, Nk = {self.Nk} tokens but q has {Nq}, k has {Nk}")
+        if self.batch_rows not in (1, B):
+            raise ValueError(f"the mask plan has {self.batch_rows} batch rows but q has batch {B}")
+
+    def args(self, key_tiles: Tensor | None = None) -> tuple:
+        return (self.q_order, self.k_order, self.q_sorted, self.k_sorted, self.k_visible, key_tiles)
+
+    def key_tiles(self, block_m: int, block_n: int) -> Tensor:
+        """The dk/dv kernel's plan for (block_m, block_n) tiles (cached)."""
+        if (block_m, block_n) not in self._key_tiles:
+            from nova_fast.kernels.group_causal_attention import key_tile_plan
+
+            self._key_tiles[block_m, block_n] = key_tile_plan(self.k_visible, self.Nk, block_m, block_n)
+        return self._key_tiles[block_m, block_n]
+
+    def query_tiles(self, block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
+        """(n_full, n_end) per query tile: the forward's and dq's full and partial key-tile ranges (cached)."""
+        if (block_m, block_n) not in self._query_tiles:
+            from nova_fast.kernels.group_causal_attention import query_tile_plan
+
+            self._query_tiles[block_m, block_n] = query_tile_plan(self.k_visible, block_m, block_n)
+        return self._query_tiles[block_m, block_n]
+
+
+def _plan_for(q_groups: Tensor, k_groups: Tensor | None, B: int, Nq: int, Nk: int, device) -> MaskPlan:
+    """The plan of these groups, cached on the q_groups tensor (rebuilt if either tensor changes)."""
+    qg = _check_groups("q_groups", q_groups, B, Nq, device)
+    if k_groups is None:
+        if Nk != Nq:
+            raise ValueError(f"k_groups is required when k has a different length than q (Nk = {Nk}, Nq = {Nq})")
+    else:
+        _check_groups("k_groups", k_groups, B, Nk, device)
+    # not cached: under torch.compile (traced inline), for inference tensors (no version counter),
+    # and in inference mode (its plan tensors could not be saved for a later training backward)
+    cacheable = not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or q_groups.is_inference()
+                     or (k_groups is not None and k_groups.is_inference()))
+    if not cacheable:
+        return MaskPlan(qg, k_groups, batch=B)
+    key = (q_groups._version, None if k_groups is None else (id(k_groups), k_groups._version), B)
+    cached = getattr(q_groups, "_nova_fast_mask_plan", None)
+    # the entry holds k_groups itself, so its id cannot be reused by another tensor while cached
+    if cached is not None and cached[0] == key and cached[1] is k_groups:
+        return cached[2]
+    plan = MaskPlan(qg, k_groups, batch=B)
+    q_groups._nova_fast_mask_plan = (key, k_groups, plan)
+    return plan
 
 
 # ---------------------------------------------------------------- public API
-def _dense(q, k, v, scale):
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+_flash_attn: list = []  # [flash_attn_func or None] once looked up: an import is tried once per process
+
+
+def _flash_attn_func():
+    """flash-attn's ``flash_attn_func``, or None when it is not installed (looked up once, the failure too)."""
+    if not _flash_attn:
         try:
             from flash_attn import flash_attn_func
         except ImportError:
             flash_attn_func = None
+        _flash_attn.append(flash_attn_func)
+    return _flash_attn[0]
+
+
+def _dense(q, k, v, scale):
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        flash_attn_func = _flash_attn_func()
         if flash_attn_func is not None:
             backends.record(OP, "torch", "no groups: dense attention (flash-attn)")
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
@@ -413,14 +585,30 @@ def _dense(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def group_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor | None = None,
+def _key_tiles_for(plan: MaskPlan, q: Tensor) -> Tensor | None:
+    """The Triton backward's dk/dv plan from the (cached) mask plan when the Triton backend will run
+    the backward; None otherwise (the torch backend ignores it; the kernels build one if missing)."""
+    wanted, _ = backends.requested_backend(OP)
+    if not (wanted == "triton" or (wanted == "auto" and q.device.type == "cuda")):
+        return None
+    try:
+        from nova_fast.kernels.group_causal_attention import config
+    except ImportError:
+        return None
+    cfg = config("dkdv", q.shape[-1], q.dtype)
+    return plan.key_tiles(cfg["BLOCK_M"], cfg["BLOCK_N"])
+
+
+def group_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor | MaskPlan | None = None,
                            k_groups: Tensor | None = None, *, scale: float | None = None) -> Tensor:
     """Attention where query i sees key j iff ``k_groups[j] <= q_groups[i]``.
 
     q (B, H, Nq, D), k and v (B, H, Nk, D), D in (64, 128), fp32/fp16/bf16. q_groups: integer
-    (Nq,) or (B, Nq); k_groups: (Nk,) or (B, Nk), default q_groups (requires Nk == Nq). Without
-    groups: plain bidirectional attention. Rows that see no key return 0. Returns (B, H, Nq, D).
-    Differentiable in q, k and v.
+    (Nq,) or (B, Nq), or a :class:`MaskPlan` built once for the mask (then no k_groups); k_groups:
+    (Nk,) or (B, Nk), default q_groups (requires Nk == Nq). Without groups: plain bidirectional
+    attention. Rows that see no key return 0. Returns (B, H, Nq, D). Differentiable in q, k and v.
+    The Triton backend (auto's choice on CUDA) makes no host synchronisation: the call can be
+    captured in a CUDA graph.
     """
     _check_inputs(q, k, v)
     B, H, Nq, D = q.shape
@@ -435,79 +623,46 @@ def group_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor | N
         backends.resolve(OP, q.device, SUPPORTED)  # explicit triton: the kernel with every token in group 0
         q_groups = torch.zeros(Nq, dtype=torch.int32, device=q.device)
         k_groups = torch.zeros(Nk, dtype=torch.int32, device=q.device)
-    qg = _check_groups("q_groups", q_groups, B, Nq, q.device)
-    if k_groups is None:
-        if Nk != Nq:
-            raise ValueError(f"k_groups is required when k has a different length than q (Nk = {Nk}, Nq = {Nq})")
-        kg, shared = qg, True
+    if isinstance(q_groups, MaskPlan):
+        if k_groups is not None:
+            raise ValueError("k_groups given with a MaskPlan: the plan already holds both sides")
+        plan = q_groups
+        plan.check(B, Nq, Nk, q.device)
     else:
-        kg, shared = _check_groups("k_groups", k_groups, B, Nk, q.device), False
-    if qg.shape[0] != kg.shape[0]:  # one side per batch row, the other shared: expand the shared one
-        qg, kg = qg.expand(B, -1).contiguous(), kg.expand(B, -1).contiguous()
+        plan = _plan_for(q_groups, k_groups, B, Nq, Nk, q.device)
 
-    q_order = None if _is_sorted(qg) else _sort_order(qg)
-    if q_order is not None:
-        qg = torch.gather(qg, 1, q_order)
-    if shared:
-        k_order, kg = q_order, qg
-    else:
-        k_order = None if _is_sorted(kg) else _sort_order(kg)
-        if k_order is not None:
-            kg = torch.gather(kg, 1, k_order)
-
-    training = needs_autograd(q, k, v) or torch.compiler.is_compiling()
-    if not training:  # inference: no autograd bookkeeping
-        backend = backends.resolve(OP, q.device, SUPPORTED)
-        if backend == "torch" and _cpu_kernel_ready(q):  # reads and writes the caller's token order
-            return _forward_cpu_kernel(q, k, v, q_order, k_order, qg, kg, scale)[0]
-    if q_order is not None:
-        q = _permute(q, q_order)
-    if k_order is not None:
-        k, v = _permute(k, k_order), _permute(v, k_order)
-    if training:
-        out = group_causal_attention_op(q, k, v, qg, kg, scale)[0]
-    else:
-        out = FORWARD[backend](q, k, v, qg, kg, scale)[0]
-    return out if q_order is None else _permute(out, _inverse(q_order))
+    if needs_autograd(q, k, v) or torch.compiler.is_compiling():
+        key_tiles = None if torch.compiler.is_compiling() else _key_tiles_for(plan, q)
+        return group_causal_attention_op(q, k, v, *plan.args(key_tiles), scale)[0]
+    backend = backends.resolve(OP, q.device, SUPPORTED)  # inference: no autograd bookkeeping
+    return FORWARD[backend](q, k, v, *plan.args(), scale)[0]
 
 
-def attention_work(q_groups: Tensor, k_groups: Tensor | None = None, *, block_m: int | None = None,
-                   block_n: int | None = None, head_dim: int = 64) -> dict:
+def attention_work(q_groups: Tensor | MaskPlan, k_groups: Tensor | None = None, *, block_m: int | None = None,
+                   block_n: int | None = None, head_dim: int = 64, dtype: torch.dtype = torch.float16) -> dict:
     """Work of one call for these groups (after the op's sort), next to the dense problem.
 
-    ``tiles_visited / tiles_total``: (query tile, key tile) pairs the Triton forward visits, by the
-    kernel's own rule (a key tile is skipped when its smallest group exceeds the query tile's largest),
-    with the forward's block sizes for ``head_dim`` unless block_m/block_n are given.
-    ``pairs_visible / pairs_total``: (query, key) pairs the rule lets through, which is exactly
-    what the torch backend computes. Groups (N,) or (B, N); fractions are averaged over the batch.
+    ``tiles_visited / tiles_total``: (query tile, key tile) pairs the Triton forward visits, by its
+    own plan (:meth:`MaskPlan.query_tiles`), with the forward's block sizes for ``head_dim`` and
+    ``dtype`` unless block_m/block_n are given; ``tiles_full`` of them need no mask arithmetic,
+    ``tiles_partial`` do. ``pairs_visible / pairs_total``: (query, key) pairs the rule lets
+    through, which is exactly what the torch backend computes; ``useful_fraction``: visible pairs
+    over the pairs of the visited tiles (the rest is work done on masked or padded entries).
+    Groups (N,) or (B, N) or a MaskPlan; fractions are averaged over the batch.
     """
-    from nova_fast.kernels.group_causal_attention import FWD_CONFIG, tile_plan
+    from nova_fast.kernels.group_causal_attention import config
 
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim = {head_dim} is not supported: expected one of {HEAD_DIMS}")
-    def rows(name, g):
-        if not isinstance(g, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of group ids, got {type(g).__name__}")
-        return _check_groups(name, g, g.shape[0] if g.dim() == 2 else 1, g.shape[-1], g.device)
-
-    qg = rows("q_groups", q_groups)
-    kg = qg if k_groups is None else rows("k_groups", k_groups).to(qg.device)
-    if qg.shape[0] != kg.shape[0]:
-        if min(qg.shape[0], kg.shape[0]) != 1:
-            raise ValueError(f"q_groups and k_groups have different batch sizes: {qg.shape[0]} and {kg.shape[0]}")
-        batch = max(qg.shape[0], kg.shape[0])
-        qg, kg = qg.expand(batch, -1), kg.expand(batch, -1)
-    # the op sorts unsorted layouts before attending: count the sorted problem
-    qg = torch.sort(qg, dim=1, stable=True).values.contiguous()
-    kg = torch.sort(kg, dim=1, stable=True).values.contiguous()
-    cfg = FWD_CONFIG[head_dim]
+    plan = q_groups if isinstance(q_groups, MaskPlan) else MaskPlan(q_groups, k_groups)
+    cfg = config("fwd", head_dim, dtype)
     bm, bn = block_m or cfg["BLOCK_M"], block_n or cfg["BLOCK_N"]
-    kv_tiles, _ = tile_plan(qg, kg, bm, bn)
-    rows = qg.shape[0]
-    Nq, Nk = qg.shape[1], kg.shape[1]
-    visited = int(kv_tiles.sum())
-    total = rows * kv_tiles.shape[1] * -(-Nk // bn)
-    pairs = int(torch.searchsorted(kg, qg, right=True).sum())
-    return {"block_m": bm, "block_n": bn, "tiles_visited": visited, "tiles_total": total,
-            "tile_fraction": visited / total, "pairs_visible": pairs, "pairs_total": rows * Nq * Nk,
-            "pair_fraction": pairs / (rows * Nq * Nk)}
+    n_full, n_end = plan.query_tiles(bm, bn)
+    rows, Nq, Nk = plan.batch_rows, plan.Nq, plan.Nk
+    visited, full = int(n_end.sum()), int(n_full.sum())
+    total = rows * n_end.shape[1] * -(-Nk // bn)
+    pairs = int(plan.k_visible.sum())
+    return {"block_m": bm, "block_n": bn, "tiles_visited": visited, "tiles_full": full,
+            "tiles_partial": visited - full, "tiles_total": total, "tile_fraction": visited / total,
+            "pairs_visible": pairs, "pairs_total": rows * Nq * Nk, "pair_fraction": pairs / (rows * Nq * Nk),
+            "useful_fraction": pairs / (visited * bm * bn) if visited else 1.0}
