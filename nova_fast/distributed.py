@@ -224,6 +224,20 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S, device: Optional[torch.d
     return device
 
 
+def default_group_timeout() -> datetime.timedelta:
+    """The default process group's collective timeout (subgroups do not inherit it: torch gives them
+    its own default of 10 or 30 minutes, so they are created with this one)."""
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        for device in group._device_types:
+            timeout = group._get_backend(device).options._timeout
+            if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
+                return timeout
+    except Exception:  # noqa: BLE001 -- private API: fall back to the stated default
+        pass
+    return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+
+
 class _Group:
     def __init__(self, kind: str, ranks: list[int], handle, index: int):
         self.kind, self.ranks, self.handle, self.index = kind, ranks, handle, index
@@ -246,6 +260,8 @@ class ParallelGeneration:
     """
 
     def __init__(self, model, parallel: ParallelConfig, *, timeout_s: Optional[float] = None):
+        """``timeout_s``: the collectives' timeout in the groups created here (default: the default
+        process group's timeout, as given to ``init_process_group``)."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("nova_fast.distributed needs torch.distributed initialized "
                                "(init_process_group, or nova_fast.distributed.init_from_env under torchrun)")
@@ -256,14 +272,15 @@ class ParallelGeneration:
         self.dp_index, self.cfg_index, self.sp_index = parallel.coords(self.rank)
         self.stats = CommStats()
         self.device = model.device
-        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        timeout = default_group_timeout() if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        self.timeout = timeout
         self.groups: dict[str, Optional[_Group]] = {}
         for kind in ("ulysses", "cfg", "dp"):   # every rank creates every group, in the same order
             self.groups[kind] = None
             for ranks in parallel.group_ranks(kind):
                 if len(ranks) == 1:
                     continue
-                handle = dist.new_group(ranks, timeout=timeout) if timeout else dist.new_group(ranks)
+                handle = dist.new_group(ranks, timeout=timeout)
                 if self.rank in ranks:
                     self.groups[kind] = _Group(kind, ranks, handle, ranks.index(self.rank))
         self._layout: Optional[tuple[int, int]] = None   # (guidance passes, batch) while generating
