@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -585,5 +585,87 @@ def parallelize(model, cfg: int = 1, dp: int = 1, ulysses: int = 1, *, timeout_s
     return ParallelGeneration(model, ParallelConfig(cfg=cfg, dp=dp, ulysses=ulysses), timeout_s=timeout_s)
 
 
+
+# ------------------------------------------------------------------------------------------------
+# `nova-fast generate`
+# ------------------------------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ar_steps_executed(model, num_latent_frames: int, num_ar_steps: int, first_latent_given: bool = False) -> int:
+    """AR steps one video runs (the per-step communication figures divide by this)."""
+    from nova_fast.reference.model import ar_schedule
+
+    frames = num_latent_frames - (1 if first_latent_given else 0)
+    return frames * len(ar_schedule(model.config.spatial_tokens, num_ar_steps))
+
+
+def cli_generate(args) -> int:
+    """``nova-fast generate``: one generation, split over the torchrun ranks by the given degrees.
+    Random weights of a preset (seeded, the same on every rank) or ``--weights`` (a released
+    checkpoint folder); random text states from ``--seed`` or ``--text-states`` (a saved tensor).
+    Rank 0 prints the time and the bytes sent per AR step and saves the latents."""
+    import os
+    import sys
+    import time
+
+    from nova_fast.reference import build_model, load_pretrained, random_text_states
+
+    parallel = ParallelConfig(cfg=args.cfg_parallel, dp=args.dp, ulysses=args.ulysses)
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    if not launched and parallel.world_size > 1:
+        print(f"nova-fast generate: {parallel.describe()} needs {parallel.world_size} processes: "
+              f"torchrun --nproc-per-node {parallel.world_size} -m nova_fast.cli generate ...", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
+    if launched:
+        device = init_from_env(args.timeout)
+        parallel.check_world_size(dist.get_world_size())
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank = dist.get_rank() if launched else 0
+    try:
+        if args.weights:
+            model = load_pretrained(args.weights, dtype=dtype, device=device)
+        else:
+            torch.manual_seed(args.weight_seed)
+            model = build_model(args.config, device=device, dtype=dtype)
+        model.eval()
+        if args.text_states:
+            text = torch.load(args.text_states, map_location="cpu")
+        else:
+            text = random_text_states(model.config, args.batch, torch.Generator().manual_seed(args.seed + 1))
+        text = text.to(device=device, dtype=dtype)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        kwargs = dict(num_latent_frames=args.latent_frames, num_ar_steps=args.ar_steps,
+                      num_diffusion_steps=args.diffusion_steps, guidance_scale=args.guidance_scale)
+        runner = ParallelGeneration(model, parallel) if launched else None
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        if runner is not None:
+            latents = runner.generate_video(text, generator=generator, **kwargs)
+        else:
+            latents = model.generate_video(text, generator=generator, **kwargs)
+        sync()
+        seconds = time.perf_counter() - t0
+        steps = ar_steps_executed(model, args.latent_frames, args.ar_steps)
+        stats = runner.stats.as_dict() if runner is not None else CommStats().as_dict()
+        if rank == 0:
+            sent = {k: v / steps for k, v in stats["bytes"].items() if k != "checks"}
+            print(f"nova-fast generate: {args.weights or args.config}, batch {text.shape[0]}, {args.latent_frames} latent "
+                  f"frames x {args.ar_steps} AR steps x {args.diffusion_steps} denoising steps, {device.type} "
+                  f"{args.dtype}, {parallel.describe()}: {seconds:.3f} s; rank 0 sent per AR step: "
+                  + ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in sent.items()))
+            if args.out:
+                torch.save({"latents": latents.cpu(), "parallel": asdict(parallel),
+                            "seconds": seconds, "comm": stats, "ar_steps_executed": steps}, args.out)
+                print(f"wrote {args.out}")
+        return 0
+    finally:
+        if launched and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 __all__ = ["ParallelConfig", "ParallelGeneration", "DistributedGenerationError", "CommStats", "parallelize",
-           "init_from_env", "check_model", "check_generation", "seq_split", "DEFAULT_TIMEOUT_S"]
+           "cli_generate", "init_from_env", "check_model", "check_generation", "seq_split", "DEFAULT_TIMEOUT_S"]

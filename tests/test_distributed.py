@@ -218,3 +218,39 @@ def test_not_initialized_refused():
     with pytest.raises(RuntimeError, match="needs torch.distributed initialized"):
         ParallelGeneration(build_model("tiny", device="meta"), ParallelConfig())
 
+
+
+# ---- the command line -----------------------------------------------------------------------------
+GEN_ARGS = ["generate", "--ar-steps", "4", "--diffusion-steps", "3", "--latent-frames", "2"]
+
+
+def test_cli_generate_refuses_degrees_without_torchrun(monkeypatch, capsys):
+    from nova_fast.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(GEN_ARGS + ["--cfg-parallel", "2", "--ulysses", "2"]) == 2
+    assert "needs 4 processes: torchrun --nproc-per-node 4" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_generate_under_torchrun_equals_one_process(tmp_path, monkeypatch):
+    """torchrun -m nova_fast.cli generate --cfg-parallel 2: rank 0 writes what one process writes."""
+    from nova_fast.cli import main
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(torchrun + ["-m", "nova_fast.cli"] + GEN_ARGS + ["--cfg-parallel", "2", "--out",
+                          str(tmp_path / "two.pt")], env=env, capture_output=True, text=True, timeout=LAUNCH_WAIT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cfg 2 x dp 1 x ulysses 1" in done.stdout
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(GEN_ARGS + ["--out", str(tmp_path / "one.pt")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    scale = float(one["latents"].abs().max())
+    torch.testing.assert_close(two["latents"], one["latents"], rtol=1e-5, atol=1e-5 * scale)
+    assert two["comm"]["bytes"]["cfg"] > 0 and two["parallel"] == {"cfg": 2, "dp": 1, "ulysses": 1}
