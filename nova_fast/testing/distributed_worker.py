@@ -96,3 +96,38 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def serve(rank: int, world: int, init_file: str, plans: dict, conn, timeout_s: float = 120.0) -> None:
+    """A long-lived rank for the scale-out benchmark: builds one parallelized model per plan, then
+    answers ("run", name) with ("done", {"seconds", "stats"}) until ("stop", None). Errors are sent
+    back as ("error", message)."""
+    import torch.distributed as dist
+
+    from nova_fast.distributed import ParallelConfig, ParallelGeneration
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        runs = {}
+        for name, plan in plans.items():
+            model, text, kwargs, seed = build_case(plan)
+            pg = ParallelGeneration(model, ParallelConfig(plan.get("cfg", 1), plan.get("dp", 1), plan.get("ulysses", 1)))
+            runs[name] = (pg, text, kwargs, seed)
+        conn.send(("ready", None))
+        while True:
+            cmd, name = conn.recv()
+            if cmd == "stop":
+                break
+            pg, text, kwargs, seed = runs[name]
+            pg.stats.reset()
+            t0 = time.perf_counter()
+            pg.generate_video(text, generator=torch.Generator().manual_seed(seed), **kwargs)
+            conn.send(("done", {"seconds": time.perf_counter() - t0, "stats": pg.stats.as_dict()}))
+        dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 -- the parent reports it
+        try:
+            conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+        except Exception:  # noqa: BLE001
+            pass
