@@ -146,6 +146,11 @@ def cmd_roofline(args) -> int:
     ceilings = roofline.Ceilings(peak_flops=args.tflops * 1e12, hbm_bytes_per_s=args.hbm_tbs * 1e12,
                                  launch_s=args.launch_us * 1e-6)
     projection = roofline.project(shape, workload, ceilings)
+    if args.gpus:
+        scale = roofline.project_scale_out(shape, workload, ceilings, gpus=args.gpus)
+        print(json.dumps({"config_source": source, **scale}, indent=1) if args.json
+              else roofline.format_scale_out(scale, source))
+        return 0
     if args.json:
         print(json.dumps({"config_source": source, **projection.to_dict()}, indent=1))
     else:
@@ -232,6 +237,9 @@ def main(argv=None) -> int:
     p.add_argument("--hbm-tbs", type=float, default=3.0, help="HBM TB/s (default 3.0)")
     p.add_argument("--launch-us", type=float, default=4.0, help="cost of one kernel launch in us (default 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="instead: PROJECTED latency per video on N GPUs for every cfg x dp x ulysses split "
+                        "(nova_fast.distributed), with each method's communication over NVLink and PCIe")
     p.set_defaults(func=cmd_roofline)
 
     p = sub.add_parser("generate", help="one generation, optionally split over torchrun ranks: CFG-parallel, "

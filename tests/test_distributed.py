@@ -254,3 +254,48 @@ def test_cli_generate_under_torchrun_equals_one_process(tmp_path, monkeypatch):
     scale = float(one["latents"].abs().max())
     torch.testing.assert_close(two["latents"], one["latents"], rtol=1e-5, atol=1e-5 * scale)
     assert two["comm"]["bytes"]["cfg"] > 0 and two["parallel"] == {"cfg": 2, "dp": 1, "ulysses": 1}
+
+
+# ---- the scale-out projection (nova-fast roofline --gpus N) ---------------------------------------
+def _tiny_workload():
+    from nova_fast import roofline
+
+    return roofline.load_shape("tiny")[0], roofline.Workload(latent_frames=2, ar_steps=4, diffusion_steps=3,
+                                                             guidance_batch=2, batch=1, dtype_bytes=4)
+
+
+def test_projection_lists_every_split_and_one_gpu_is_the_roofline():
+    from nova_fast import roofline
+
+    shape, _ = roofline.load_shape("osp480")
+    one = roofline.project_scale_out(shape, gpus=1)
+    assert [(r["cfg"], r["dp"], r["ulysses"]) for r in one["plans"]] == [(1, 1, 1)]
+    assert one["plans"][0]["compute_s"] == pytest.approx(roofline.project(shape).total().seconds)
+    assert one["label"].startswith("PROJECTION")
+    four = roofline.project_scale_out(shape, gpus=4)
+    plans = {(r["cfg"], r["dp"], r["ulysses"]) for r in four["plans"]}
+    assert plans == {(1, 4, 1), (1, 2, 2), (1, 1, 4), (2, 2, 1), (2, 1, 2)}
+    for row in four["plans"]:
+        assert row["compute_s"] <= one["single_gpu_s"] + 1e-9
+        for link in row["links"].values():
+            assert link["latency_s"] == pytest.approx(row["compute_s"] + link["comm_s"])
+            assert link["videos_per_s"] == pytest.approx(row["dp"] / link["latency_s"])
+    text = roofline.format_scale_out(four)
+    assert "PROJECTED, NOT MEASURED" in text and "NVLink" in text and "PCIe" in text
+
+
+@pytest.mark.slow
+def test_projected_communication_matches_what_the_ranks_send(two_ranks):
+    """The projection's byte counts are the ones ParallelGeneration.stats measured on the tiny runs
+    (rank 0's; Ulysses within 10 %: rank 0 holds the longer slice of odd-length sequences and the
+    sequence all-gather pads to it)."""
+    from nova_fast import roofline
+
+    shape, workload = _tiny_workload()
+    cfg = roofline.scale_out_communication(shape, workload, cfg=2, dp=1, ulysses=1)["cfg"]
+    assert cfg["bytes"] == two_ranks["cfg"][1]["stats"]["bytes"]["cfg"]
+    assert cfg["collectives"] == two_ranks["cfg"][1]["stats"]["calls"]["cfg"]
+    ulysses = roofline.scale_out_communication(shape, workload, cfg=1, dp=1, ulysses=2)["ulysses"]
+    measured = two_ranks["ulysses"][1]["stats"]
+    assert ulysses["collectives"] == measured["calls"]["ulysses"]
+    assert ulysses["bytes"] == pytest.approx(measured["bytes"]["ulysses"], rel=0.1)
