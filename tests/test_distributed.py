@@ -287,7 +287,7 @@ def test_projection_lists_every_split_and_one_gpu_is_the_roofline():
 @pytest.mark.slow
 def test_projected_communication_matches_what_the_ranks_send(two_ranks):
     """The projection's byte counts are the ones ParallelGeneration.stats measured on the tiny runs
-    (rank 0's; Ulysses within 10 %: rank 0 holds the longer slice of odd-length sequences and the
+    (rank 0's; Ulysses within 2 %: rank 0 holds the longer slice of odd-length sequences and the
     sequence all-gather pads to it)."""
     from nova_fast import roofline
 
@@ -298,4 +298,4 @@ def test_projected_communication_matches_what_the_ranks_send(two_ranks):
     ulysses = roofline.scale_out_communication(shape, workload, cfg=1, dp=1, ulysses=2)["ulysses"]
     measured = two_ranks["ulysses"][1]["stats"]
     assert ulysses["collectives"] == measured["calls"]["ulysses"]
-    assert ulysses["bytes"] == pytest.approx(measured["bytes"]["ulysses"], rel=0.1)
+    assert ulysses["bytes"] == pytest.approx(measured["bytes"]["ulysses"], rel=0.02)
