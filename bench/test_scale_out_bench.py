@@ -145,9 +145,7 @@ def _ar_steps(plan: dict) -> int:
     from nova_fast.distributed import ar_steps_executed
     from nova_fast.reference import NOVAConfig
 
-    class _Shape:   # ar_steps_executed reads model.config only
-        config = NOVAConfig.preset(plan["config"])
-    return ar_steps_executed(_Shape, GEN["num_latent_frames"], GEN["num_ar_steps"])
+    return ar_steps_executed(NOVAConfig.preset(plan["config"]), GEN["num_latent_frames"], GEN["num_ar_steps"])
 
 
 def scale_out_setup(names: list[str], batch: int):

@@ -592,12 +592,12 @@ def parallelize(model, cfg: int = 1, dp: int = 1, ulysses: int = 1, *, timeout_s
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def ar_steps_executed(model, num_latent_frames: int, num_ar_steps: int, first_latent_given: bool = False) -> int:
-    """AR steps one video runs (the per-step communication figures divide by this)."""
+def ar_steps_executed(config, num_latent_frames: int, num_ar_steps: int, first_latent_given: bool = False) -> int:
+    """AR steps one video runs with this NOVAConfig (the per-step communication figures divide by this)."""
     from nova_fast.reference.model import ar_schedule
 
     frames = num_latent_frames - (1 if first_latent_given else 0)
-    return frames * len(ar_schedule(model.config.spatial_tokens, num_ar_steps))
+    return frames * len(ar_schedule(config.spatial_tokens, num_ar_steps))
 
 
 def cli_generate(args) -> int:
@@ -649,7 +649,7 @@ def cli_generate(args) -> int:
             latents = model.generate_video(text, generator=generator, **kwargs)
         sync()
         seconds = time.perf_counter() - t0
-        steps = ar_steps_executed(model, args.latent_frames, args.ar_steps)
+        steps = ar_steps_executed(model.config, args.latent_frames, args.ar_steps)
         stats = runner.stats.as_dict() if runner is not None else CommStats().as_dict()
         if rank == 0:
             sent = {k: v / steps for k, v in stats["bytes"].items() if k != "checks"}

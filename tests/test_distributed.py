@@ -299,3 +299,11 @@ def test_projected_communication_matches_what_the_ranks_send(two_ranks):
     measured = two_ranks["ulysses"][1]["stats"]
     assert ulysses["collectives"] == measured["calls"]["ulysses"]
     assert ulysses["bytes"] == pytest.approx(measured["bytes"]["ulysses"], rel=0.02)
+
+
+def test_lazy_exports():
+    import nova_fast
+    import nova_fast.distributed as distributed
+
+    assert nova_fast.parallelize is distributed.parallelize
+    assert nova_fast.ParallelConfig is ParallelConfig and nova_fast.ParallelGeneration is ParallelGeneration
