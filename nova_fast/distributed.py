@@ -305,7 +305,7 @@ class ParallelGeneration:
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(group.size)]
         self.stats.add(group.kind, tensor.numel() * tensor.element_size() * (group.size - 1))
-        self._collective(what, lambda: dist.all_gather(parts, tensor, group=group.handle))
+        self._collective(f"{what} (ranks {group.ranks})", lambda: dist.all_gather(parts, tensor, group=group.handle))
         return parts
 
     def _check_same(self, what: str, fingerprint: torch.Tensor) -> None:
@@ -406,7 +406,8 @@ class ParallelGeneration:
         group = self.groups["ulysses"]
         recv = send.new_empty(sum(out_splits))
         self.stats.add("ulysses", (sum(in_splits) - in_splits[group.index]) * send.element_size())
-        self._collective(what, lambda: dist.all_to_all_single(recv, send, out_splits, in_splits, group=group.handle))
+        self._collective(f"{what} (ranks {group.ranks})",
+                         lambda: dist.all_to_all_single(recv, send, out_splits, in_splits, group=group.handle))
         return recv
 
     def _seq_to_heads(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -513,7 +514,7 @@ class ParallelGeneration:
             else:
                 local = local.contiguous()
                 self.stats.add("cfg", local.numel() * local.element_size() * (group.size - 1))
-            self._collective("the CFG-parallel broadcast of the conditional head outputs",
+            self._collective(f"the CFG-parallel broadcast of the conditional head outputs (ranks {group.ranks})",
                              lambda: dist.broadcast(local, src=group.ranks[0], group=group.handle))
             return self._scatter_rows(local, list(range(first, first + per)), rows)
         return forward
