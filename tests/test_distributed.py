@@ -33,6 +33,11 @@ TWO_RANK_PLANS = [
     {"name": "dp", "dp": 2, "batch": 2},
     {"name": "ulysses", "ulysses": 2, "config_changes": {"rotary_pos_embed": True}},
 ]
+# ranks that disagree (other weights; another noise seed) are refused on every rank
+REFUSED_PLANS = [
+    {"name": "other_weights", "cfg": 2, "rank_offsets": {"weight_seed": 1}, "expect_error": "hold other weights"},
+    {"name": "other_seed", "cfg": 2, "rank_offsets": {"seed": 1}, "expect_error": "hold other inputs"},
+]
 FOUR_RANK_PLANS = [
     {"name": "cfg_x_ulysses", "cfg": 2, "ulysses": 2},
     {"name": "dp_x_ulysses", "dp": 2, "ulysses": 2, "batch": 2},
@@ -70,16 +75,21 @@ def launch(tmp_path, world: int, plans: list, *, fail: dict | None = None, timeo
     return codes, errors
 
 
-def _results(tmp_path_factory, world, plans):
+def _results(tmp_path_factory, world, plans, refused=()):
     out = tmp_path_factory.mktemp(f"world{world}")
-    codes, errors = launch(out, world, plans)
+    codes, errors = launch(out, world, [*plans, *refused])
     assert codes == [0] * world, f"ranks failed: {codes} {errors}"
-    return {plan["name"]: (plan, torch.load(out / f"{plan['name']}.pt")) for plan in plans}
+    results = {plan["name"]: (plan, torch.load(out / f"{plan['name']}.pt")) for plan in plans}
+    for plan in refused:
+        results[plan["name"]] = (plan, [(out / f"{plan['name']}.rank{r}.refused").read_text()
+                                        if (out / f"{plan['name']}.rank{r}.refused").exists() else None
+                                        for r in range(world)])
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return _results(tmp_path_factory, 2, TWO_RANK_PLANS)
+    return _results(tmp_path_factory, 2, TWO_RANK_PLANS, REFUSED_PLANS)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +123,13 @@ def test_two_ranks_equal_one_process(two_ranks, name):
     sent = got["stats"]["bytes"]
     kind = {"cfg": "cfg", "dp": "dp", "ulysses": "ulysses"}[name]
     assert sent[kind] > 0 and all(v == 0 for k, v in sent.items() if k not in (kind, "checks"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [p["name"] for p in REFUSED_PLANS])
+def test_ranks_that_disagree_are_refused_on_every_rank(two_ranks, name):
+    plan, messages = two_ranks[name]
+    assert all(m is not None and "ranks [1] " + plan["expect_error"] in m for m in messages), messages
 
 
 @pytest.mark.slow

@@ -77,12 +77,21 @@ def main(argv=None) -> int:
                                 timeout=datetime.timedelta(seconds=args.timeout))
         fail = json.loads(args.fail) if args.fail else None
         for plan in json.loads(args.plans):
-            model, text, kwargs, seed = build_case(plan)
+            # "rank_offsets": {"weight_seed": k, "seed": k} shifts a seed by k * rank (ranks that disagree)
+            offsets = plan.get("rank_offsets", {})
+            shifted = {**plan, **{k: plan.get(k, 0) + v * args.rank for k, v in offsets.items()}}
+            model, text, kwargs, seed = build_case(shifted)
             if fail and fail["rank"] == args.rank:
                 _inject_failure(model, fail)
-            pg = ParallelGeneration(model, ParallelConfig(plan.get("cfg", 1), plan.get("dp", 1),
-                                                          plan.get("ulysses", 1)))
-            latents = pg.generate_video(text, generator=torch.Generator().manual_seed(seed), **kwargs)
+            try:
+                pg = ParallelGeneration(model, ParallelConfig(plan.get("cfg", 1), plan.get("dp", 1),
+                                                              plan.get("ulysses", 1)))
+                latents = pg.generate_video(text, generator=torch.Generator().manual_seed(seed), **kwargs)
+            except ValueError as exc:   # a plan may expect a refusal (on every rank)
+                if "expect_error" not in plan or plan["expect_error"] not in str(exc):
+                    raise
+                (out / f"{plan['name']}.rank{args.rank}.refused").write_text(str(exc))
+                continue
             pg.restore()
             if args.rank == 0:
                 torch.save({"latents": latents, "stats": pg.stats.as_dict()}, out / f"{plan['name']}.pt")
