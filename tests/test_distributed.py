@@ -44,7 +44,8 @@ FOUR_RANK_PLANS = [
 ]
 
 
-def launch(tmp_path, world: int, plans: list, *, fail: dict | None = None, timeout_s: float = 60.0):
+def launch(tmp_path, world: int, plans: list, *, fail: dict | None = None, timeout_s: float = 60.0,
+           collective_timeout_s: float | None = None):
     """Start ``world`` ranks; wait for rank 0 (bounded), then for the rest a little; kill leftovers.
     Returns (return codes (None: still running when killed), {rank: error text})."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -52,6 +53,8 @@ def launch(tmp_path, world: int, plans: list, *, fail: dict | None = None, timeo
            str(tmp_path / "store"), "--out", str(tmp_path), "--plans", json.dumps(plans), "--timeout", str(timeout_s)]
     if fail:
         cmd += ["--fail", json.dumps(fail)]
+    if collective_timeout_s is not None:
+        cmd += ["--collective-timeout", str(collective_timeout_s)]
     procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for r in range(world)]
     codes = []
@@ -147,7 +150,9 @@ def test_failing_rank_makes_the_others_exit_with_an_error(tmp_path, mode):
     """Rank 1's diffusion head raises (its process exits) or hangs at its second call; rank 0 must
     exit with DistributedGenerationError (peer closed / collective timeout), not wait for ever."""
     fail = {"rank": 1, "mode": mode, "after_calls": 2, "sleep_s": 600}
-    codes, errors = launch(tmp_path, 2, [{"name": "cfg", "cfg": 2}], fail=fail, timeout_s=3.0)
+    # start-up and the input checks run on the default group (60 s: process start-up may differ by seconds
+    # on a busy machine); the CFG exchange where rank 1 stops runs on its subgroup, 5 s
+    codes, errors = launch(tmp_path, 2, [{"name": "cfg", "cfg": 2}], fail=fail, collective_timeout_s=5.0)
     assert codes[0] == 1, f"rank 0 did not exit with an error: {codes} {errors}"
     assert errors[0].startswith("DistributedGenerationError") and "CFG-parallel" in errors[0]
     if mode == "raise":

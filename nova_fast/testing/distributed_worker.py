@@ -68,7 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--plans", required=True, help="JSON list of plans")
     p.add_argument("--fail", default=None, help="JSON failure injection")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=float, default=60.0, help="rendezvous and default-group timeout")
+    p.add_argument("--collective-timeout", type=float, default=None,
+                   help="timeout of the parallel groups' collectives (default: --timeout)")
     args = p.parse_args(argv)
     out = Path(args.out)
     torch.set_num_threads(1)
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
                 _inject_failure(model, fail)
             try:
                 pg = ParallelGeneration(model, ParallelConfig(plan.get("cfg", 1), plan.get("dp", 1),
-                                                              plan.get("ulysses", 1)))
+                                                              plan.get("ulysses", 1)),
+                                        timeout_s=args.collective_timeout)
                 latents = pg.generate_video(text, generator=torch.Generator().manual_seed(seed), **kwargs)
             except ValueError as exc:   # a plan may expect a refusal (on every rank)
                 if "expect_error" not in plan or plan["expect_error"] not in str(exc):
