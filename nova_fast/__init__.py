@@ -19,6 +19,9 @@ _LAZY = {
     "denoise_tokens": "nova_fast.ops.denoise_tokens",
     "accelerate": "nova_fast.accelerator",
     "restore": "nova_fast.accelerator",
+    "parallelize": "nova_fast.distributed",
+    "ParallelConfig": "nova_fast.distributed",
+    "ParallelGeneration": "nova_fast.distributed",
 }
 
 __all__ = ["BackendUnavailable", "backend_info", "set_backend", "use_backend", *_LAZY]

@@ -146,11 +146,46 @@ def cmd_roofline(args) -> int:
     ceilings = roofline.Ceilings(peak_flops=args.tflops * 1e12, hbm_bytes_per_s=args.hbm_tbs * 1e12,
                                  launch_s=args.launch_us * 1e-6)
     projection = roofline.project(shape, workload, ceilings)
+    if args.gpus:
+        scale = roofline.project_scale_out(shape, workload, ceilings, gpus=args.gpus)
+        print(json.dumps({"config_source": source, **scale}, indent=1) if args.json
+              else roofline.format_scale_out(scale, source))
+        return 0
     if args.json:
         print(json.dumps({"config_source": source, **projection.to_dict()}, indent=1))
     else:
         print(roofline.format_projection(projection, source))
     return 0
+
+
+def add_generate_arguments(p) -> None:
+    """The options of ``nova-fast generate`` (nova_fast.distributed.cli_generate runs it)."""
+    p.add_argument("--config", default="tiny", help="preset with random weights (default tiny)")
+    p.add_argument("--weights", default=None, metavar="DIR", help="a released checkpoint folder instead")
+    p.add_argument("--text-states", default=None, metavar="FILE",
+                   help="torch.save'd text-encoder states (B, n, text_token_dim); default: random from --seed")
+    p.add_argument("--batch", type=int, default=1, help="videos (with random text states)")
+    p.add_argument("--latent-frames", type=int, default=2)
+    p.add_argument("--ar-steps", type=int, default=64)
+    p.add_argument("--diffusion-steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0, help="noise (and random text) seed, the same on every rank")
+    p.add_argument("--weight-seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    p.add_argument("--cfg-parallel", type=int, default=1, metavar="N",
+                   help="1 or 2: the conditional and unconditional guidance passes on two ranks")
+    p.add_argument("--dp", type=int, default=1, metavar="N", help="data-parallel degree (divides --batch)")
+    p.add_argument("--ulysses", type=int, default=1, metavar="N",
+                   help="Ulysses sequence-parallel degree in the encoders (divides the head count)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="collective timeout: a failed or stuck rank stops the others after it (default 300)")
+    p.add_argument("--out", default=None, metavar="FILE", help="rank 0 saves the latents and figures here (torch.save)")
+
+
+def cmd_generate(args) -> int:
+    from nova_fast.distributed import cli_generate
+
+    return cli_generate(args)
 
 
 def main(argv=None) -> int:
@@ -202,7 +237,15 @@ def main(argv=None) -> int:
     p.add_argument("--hbm-tbs", type=float, default=3.0, help="HBM TB/s (default 3.0)")
     p.add_argument("--launch-us", type=float, default=4.0, help="cost of one kernel launch in us (default 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="instead: PROJECTED latency per video on N GPUs for every cfg x dp x ulysses split "
+                        "(nova_fast.distributed), with each method's communication over NVLink and PCIe")
     p.set_defaults(func=cmd_roofline)
+
+    p = sub.add_parser("generate", help="one generation, optionally split over torchrun ranks: CFG-parallel, "
+                                        "data-parallel, Ulysses (torchrun --nproc-per-node N -m nova_fast.cli generate ...)")
+    add_generate_arguments(p)
+    p.set_defaults(func=cmd_generate)
 
     args = parser.parse_args(argv)
     return args.func(args)

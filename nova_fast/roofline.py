@@ -445,3 +445,150 @@ def format_projection(p: Projection, source: str = "") -> str:
                   f"temporal {PAPER['temporal_s']} s "
                   f"(its spatial figure includes the diffusion head: 11.97 + 0.03 = 12)"]
     return "\n".join(lines)
+
+
+# ---- scale-out over several GPUs (nova_fast.distributed) -----------------------------------------
+@dataclass(frozen=True)
+class Link:
+    """A GPU-to-GPU link as the scale-out projection models it: each collective costs
+    ``latency_s + bytes this GPU sends / bytes_per_s``; no overlap with compute."""
+    name: str
+    what: str
+    bytes_per_s: float     # per GPU, per direction
+    latency_s: float       # per collective (NCCL small-message latency)
+
+
+LINKS = (Link("NVLink", "NVLink 4, H100 SXM through NVSwitch", 450e9, 10e-6),
+         Link("PCIe", "PCIe Gen5 x16, no NVLink", 50e9, 25e-6))
+# the block ops whose tokens (Linear, norms, MLP) or heads (attention) Ulysses splits; Linear weights
+# stay whole on every rank (bytes per call: dims in units of the width)
+_ULYSSES_SPLIT = {"qkv": 3, "proj": 1, "mlp.fc1": 4, "mlp.fc2": 4, "attention": 0, "norm+residual": 0,
+                  "mlp.gelu": 0, "kv_cache": 0}
+
+
+def _scale_plans(gpus: int, heads: int, guidance: bool) -> list[tuple[int, int, int]]:
+    """Every (cfg, dp, ulysses) with cfg * dp * ulysses = gpus, cfg in {1, 2} (2 only with guidance)
+    and ulysses dividing the head count."""
+    plans = []
+    for cfg in ((1, 2) if guidance else (1,)):
+        for u in range(1, gpus + 1):
+            if gpus % (cfg * u) == 0 and heads % u == 0:
+                plans.append((cfg, gpus // (cfg * u), u))
+    return plans
+
+
+def _ulysses_seconds(stage: str, op: str, cost: Cost, u: int, width: int, e: int, c: Ceilings) -> float:
+    """One op's projected seconds on a rank of a Ulysses group of u: its work (FLOPs, activation bytes)
+    divided by u, weights read whole, launches unchanged. Ops outside the encoder blocks are not split."""
+    name = op.split(".", 1)[1] if op.startswith(("half1.", "half2.")) else op
+    if u == 1 or stage not in ("temporal", "spatial") or name not in _ULYSSES_SPLIT:
+        return cost.seconds
+    weights = cost.calls * e * _ULYSSES_SPLIT[name] * width * width
+    launch = cost.launches * c.launch_s
+    whole = max(cost.flops / c.peak_flops, cost.bytes / c.hbm_bytes_per_s)
+    split = max(cost.flops / u / c.peak_flops, ((cost.bytes - weights) / u + weights) / c.hbm_bytes_per_s)
+    return launch + (cost.seconds - launch) * (split / whole if whole > 0 else 1.0)
+
+
+def scale_out_communication(shape: ModelShape, workload: Workload, cfg: int, dp: int, ulysses: int) -> dict:
+    """Bytes one GPU sends and collectives it joins per video, by kind (what nova_fast.distributed does):
+    cfg: an all-gather of the head outputs (its pass, predicted tokens x patch values) per denoising step;
+    ulysses: per encoder block two all-to-alls (q, k, v of its tokens, then the attention output), per
+    encoder segment (temporal pass, each spatial half) one all-gather of the sequence;
+    dp: one all-gather of the finished latents."""
+    e, d = workload.dtype_bytes, shape.width
+    rows = workload.batch * workload.guidance_batch // cfg
+    tt, ts, prefix = shape.temporal_tokens, shape.spatial_tokens, shape.prefix_tokens
+    out = {k: {"bytes": 0.0, "collectives": 0} for k in ("cfg", "ulysses", "dp")}
+    schedule = ar_schedule(ts, workload.ar_steps)
+    frames = workload.latent_frames
+    if cfg > 1:
+        token = shape.image_patch ** 2 * shape.latent_channels
+        per_frame = sum(n for _, n in schedule) * token * e * workload.batch * (cfg - 1)
+        out["cfg"]["bytes"] = per_frame * workload.diffusion_steps * frames
+        out["cfg"]["collectives"] = len(schedule) * workload.diffusion_steps * frames
+    if ulysses > 1:
+        u = ulysses
+        share = (u - 1) / u
+
+        def segment(seq: int, blocks: int) -> tuple[float, int]:
+            a2a = blocks * 4 * rows * seq * d * e * share / u       # q, k, v out; attention output back
+            gather = rows * seq / u * d * e * (u - 1)
+            return a2a + gather, 2 * blocks + 1
+        segments = [segment(tt + (prefix if t == 0 else 0), shape.temporal_depth) for t in range(frames)]
+        half = shape.spatial_depth // 2
+        for known, _ in schedule:
+            segments += [segment(tt + known, half), segment(tt + ts, shape.spatial_depth - half)] * frames
+        out["ulysses"]["bytes"] = sum(b for b, _ in segments)
+        out["ulysses"]["collectives"] = sum(n for _, n in segments)
+    if dp > 1:
+        latents = frames * shape.latent_channels * shape.spatial_tokens * shape.image_patch ** 2   # values per video
+        out["dp"]["bytes"] = workload.batch * latents * e * (dp - 1)
+        out["dp"]["collectives"] = 1
+    return out
+
+
+def project_scale_out(shape: ModelShape, workload: Workload = Workload(), ceilings: Ceilings = Ceilings(),
+                      gpus: int = 2, links: tuple = LINKS) -> dict:
+    """PROJECTED latency per video and throughput on ``gpus`` GPUs for every way nova_fast.distributed
+    can split them: per-GPU compute = this module's roofline of the GPU's share (cfg: one guidance
+    pass; ulysses: the encoder blocks' work / u, weights and launches whole; the head and everything
+    outside the encoder blocks repeated on every GPU of a Ulysses group; dp: its own videos), plus the
+    communication of ``scale_out_communication`` over each link, not overlapped. ``workload.batch``
+    is the videos of one data-parallel group."""
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    single = project(shape, workload, ceilings).total().seconds
+    rows = []
+    for cfg, dp, u in _scale_plans(gpus, shape.heads, workload.guidance_batch == 2):
+        per_gpu = project(shape, Workload(**{**asdict(workload), "guidance_batch": workload.guidance_batch // cfg}),
+                          ceilings)
+        compute = sum(_ulysses_seconds(stage, op, cost, u, shape.width, workload.dtype_bytes, ceilings)
+                      for (stage, op), cost in per_gpu.ops.items())
+        comm = scale_out_communication(shape, workload, cfg, dp, u)
+        sent = sum(v["bytes"] for v in comm.values())
+        count = sum(v["collectives"] for v in comm.values())
+        per_link = {}
+        for link in links:
+            comm_s = count * link.latency_s + sent / link.bytes_per_s
+            latency = compute + comm_s
+            per_link[link.name] = {"comm_s": comm_s, "latency_s": latency, "speedup": single / latency,
+                                   "videos_per_s": dp * workload.batch / latency}
+        rows.append({"cfg": cfg, "dp": dp, "ulysses": u, "compute_s": compute, "comm": comm, "bytes_sent": sent,
+                     "collectives": count, "links": per_link})
+    return {"label": "PROJECTION (not measured)", "gpus": gpus, "shape": asdict(shape), "workload": asdict(workload),
+            "ceilings": asdict(ceilings), "links": [asdict(link) for link in links], "single_gpu_s": single,
+            "plans": rows}
+
+
+def format_scale_out(result: dict, source: str = "") -> str:
+    s, wl = result["shape"], result["workload"]
+    links = result["links"]
+    lines = [
+        f"NOVA scale-out on {result['gpus']} GPUs -- PROJECTED, NOT MEASURED -- config {s['name']}"
+        + (f" (from {source})" if source else ""),
+        f"workload: {wl['latent_frames']} latent frames x {wl['ar_steps']} AR steps x {wl['diffusion_steps']} denoising "
+        f"steps, guidance batch {wl['guidance_batch']}, {wl['batch']} video(s) per data-parallel group, "
+        f"{8 * wl['dtype_bytes']}-bit",
+        "model: per-GPU compute = the single-GPU roofline of its share (cfg=2: one guidance pass; ulysses=u: encoder "
+        "blocks' FLOPs and activation bytes / u, weights and launches whole, the head repeated on each GPU of the "
+        "group); communication = collectives x latency + bytes sent / link bandwidth, NOT overlapped with compute",
+        "links: " + "; ".join(f"{l['name']} ({l['what']}) {l['bytes_per_s'] / 1e9:.0f} GB/s per direction, "
+                              f"{l['latency_s'] * 1e6:.0f} us per collective" for l in links),
+        f"1 GPU: {result['single_gpu_s']:.2f} s per video (projected)",
+        "",
+        f"{'cfg x dp x ulysses':<19} {'compute s':>9} {'GB sent/GPU':>11} {'collectives':>11}"
+        + "".join(f" | {name + ' comm s':>13} {'s/video':>8} {'x 1 GPU':>7} {'videos/s':>8}"
+                  for name in (l["name"] for l in links)),
+    ]
+    for row in result["plans"]:
+        line = (f"{row['cfg']} x {row['dp']} x {row['ulysses']:<11} {row['compute_s']:>9.2f} "
+                f"{row['bytes_sent'] / 1e9:>11,.3f} {row['collectives']:>11,d}")
+        for l in links:
+            v = row["links"][l["name"]]
+            line += f" | {v['comm_s']:>13.2f} {v['latency_s']:>8.2f} {v['speedup']:>7.2f} {v['videos_per_s']:>8.3f}"
+        lines.append(line)
+    lines += ["", "cfg: one all-gather of the head outputs per denoising step; ulysses: per encoder block two "
+                  "all-to-alls (q,k,v and the attention output), per encoder segment one all-gather; dp: one "
+                  "all-gather of the latents per video (latency per video unchanged, videos/s x dp)"]
+    return "\n".join(lines)
