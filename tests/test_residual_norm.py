@@ -237,3 +237,27 @@ def test_cpu_kernel_row_strided_x_and_empty(cpu_kernels_built):
     empty = torch.randn(0, 7, 64)
     with torch.no_grad():
         assert nova_fast.residual_norm(empty, empty.clone(), torch.ones(64), torch.zeros(64)).shape == (0, 7, 64)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_inference_call_resolves_the_backend_once(monkeypatch, inplace, cpu_kernel):
+    """One backend resolution per inference call, in place or not, with or without the CPU kernel."""
+    from nova_fast import backends, cpu_kernels
+
+    calls = []
+    real = backends.resolve
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "resolve", counting)
+    if not cpu_kernel:
+        monkeypatch.setattr(cpu_kernels, "available_for", lambda *t: False)
+    x, y, weight, bias, g = make_inputs(1, 3, 40, torch.float32, "cpu", "sample")
+    want = eager_residual_norm(x, y, weight, bias, g)
+    with nova_fast.use_backend("torch"), torch.no_grad():
+        out = nova_fast.residual_norm(x, y, weight, bias, gate=g, inplace=inplace)
+    assert_close(out, want, torch.float32, "result")
+    assert calls == ["residual_norm"]
