@@ -11,6 +11,15 @@ extern "C" {
 int denoise_guided_step(const void* out, const void* x, const void* noise, void* new_x, const float* coef,
                         const float* scales, int step, int num_groups, int group_len, int group_stride, int guide,
                         int renorm, int dtype, void* stream);
+// The same with a workspace of denoise_step_workspace_floats(...) fp32 (null when that is 0): long
+// renorm groups are then split over blocks. denoise_step_launch_plan fills the launches' kind, grid.x
+// and threads (at most 2) without launching and returns their number.
+int denoise_guided_step_ws(const void* out, const void* x, const void* noise, void* new_x, const float* coef,
+                           const float* scales, float* workspace, int step, int num_groups, int group_len,
+                           int group_stride, int guide, int renorm, int dtype, void* stream);
+int denoise_step_workspace_floats(int num_groups, int group_len, int renorm);
+int denoise_step_launch_plan(int num_groups, int group_len, int renorm, int has_workspace, int* kind,
+                             long long* grid, int* threads);
 // adaln.cu: modulate (LN(x) or x) * (1 + scale) + shift and residual_norm x + gate * (LN(y) * w + b).
 // Strides are (per sample, per token) in elements (0: broadcast); outputs/gradients contiguous (B, L, D).
 // Backward: workspace is fp32 (B, chunks, 2 | 3, D); mean/rstd fp32 (B, L); gate/dgate may be null.
