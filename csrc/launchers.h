@@ -38,4 +38,9 @@ int nova_residual_norm_bwd(const void* dout, const void* y, long long y_sb, long
                            const void* bias, const void* gate, long long g_sb, long long g_sl, const float* mean,
                            const float* rstd, void* dy, void* dweight, void* dbias, void* dgate, float* workspace,
                            int chunks, int B, int L, int D, int gate_per_token, int dtype, void* stream);
+// The grid (x, y, z) of an adaLN launch and its threads per row, computed as the launchers do, without
+// launching: kernel 0 a forward, 1 a backward (B, chunks), 2 the partial sums (B groups). Returns
+// cudaErrorInvalidConfiguration where the launcher would refuse (past CUDA's grid limits).
+int nova_adaln_launch_grid(int kernel, long long B, long long L, int D, int chunks, int vectorized, long long* grid,
+                           int* threads_per_row);
 }

@@ -145,6 +145,28 @@ def test_cuda_host_matches_eager(dtype, per_token, B, L, D):
                                    atol=GRAD_TOL[dtype] * max(1.0, ref.abs().max().item()), msg=lambda m: f"{name}: {m}")
 
 
+# Several rows per block / program: D across the row widths (16, 64, 256 threads per row in CUDA;
+# 96 ragged against the 16-byte pieces), rows ragged against the rows per block and per chunk.
+ROW_WIDTH_DS = [64, 96, 1024, 1280, 2048]
+
+
+@pytest.mark.host_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("D", ROW_WIDTH_DS)
+def test_cuda_host_rows_per_block(dtype, per_token, D):
+    B, L = 2, 37 if D <= 96 else 11
+    x, scale, shift = make_inputs(B, L, D, dtype, "cpu", per_token)
+    grad_out = torch.randn(B, L, D, dtype=dtype)
+    ref_out, ref_grads = reference_grads(x, scale, shift, True, grad_out)
+    out, grads = host_modulate(x, scale, shift, True, grad_out, chunks=2)  # outputs poisoned (NaN)
+    assert_close(out, ref_out, dtype, f"forward D={D}")
+    for name, g, ref in zip(("dx", "dscale", "dshift"), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.float(), ref, rtol=GRAD_TOL[dtype],
+                                   atol=GRAD_TOL[dtype] * max(1.0, ref.abs().max().item()), msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.host_cuda
 @pytest.mark.parametrize("normalize", [True, False])
 def test_cuda_host_scalar_path_unaligned(normalize):
@@ -286,3 +308,42 @@ def test_cpu_kernels_off_or_failed_run_aten_and_say_why(cpu_kernel_failure, monk
         monkeypatch.setenv("NOVA_FAST_CPU_KERNELS", "0")
         assert_close(nova_fast.modulate(x, scale, shift), want, torch.float32, "kernels off")
         assert "NOVA_FAST_CPU_KERNELS=0" in nova_fast.backend_info()["last_used"]["modulate"]["path"]
+
+
+# ---- layouts: unit stride along D needed (row strides are free), refused by name on every backend ----
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_non_unit_d_stride_refused_naming_the_argument(backend):
+    x, scale, shift = make_inputs(2, 3, 40, torch.float32, "cpu", per_token=True)
+    wide = torch.randn(2, 3, 80)
+    with nova_fast.use_backend(backend):
+        with pytest.raises(ValueError, match="x must have unit stride along D"):
+            nova_fast.modulate(wide[..., ::2], scale, shift)
+        with pytest.raises(ValueError, match="shift must have unit stride along D"):
+            nova_fast.modulate(x, scale, wide[..., ::2])
+        with pytest.raises(ValueError, match="gate must have unit stride along D"):
+            nova_fast.residual_norm(x, x.clone(), torch.ones(40), torch.zeros(40), gate=wide[..., ::2])
+
+
+GRID_X_MAX, GRID_Y_MAX = 2**31 - 1, 65535
+
+
+@pytest.mark.host_cuda
+@pytest.mark.parametrize("B,L", [(1, 10**6), (10**6, 1), (100_000, 77), (4, 3_000_000)])
+@pytest.mark.parametrize("D", [64, 1024, 1280, 4096])
+def test_cuda_launch_grids_within_limits(B, L, D):
+    """The adaLN launchers' grids, computed without launching, at 10^6+ rows and large batches: rows
+    and samples on grid.x, only small counts (backward chunks, D-blocks) on grid.y."""
+    lib = cuda_host.host_library("adaln")
+    grid, tpr = (ctypes.c_longlong * 3)(), ctypes.c_int()
+    for vectorized in (1, 0):
+        assert lib.nova_adaln_launch_grid(0, B, L, D, 1, vectorized, grid, ctypes.byref(tpr)) == 0
+        rows_per_block = 256 // tpr.value
+        assert grid[0] * rows_per_block >= B * L and grid[0] <= GRID_X_MAX and grid[1] == grid[2] == 1
+        if vectorized and D <= 1024:
+            assert rows_per_block > 1  # small rows share a block
+        chunks = max(1, min(L, -(-4 * 132 // B)))  # the binding's choice on a 132-SM GPU
+        assert lib.nova_adaln_launch_grid(1, B, L, D, chunks, vectorized, grid, ctypes.byref(tpr)) == 0
+        assert grid[0] == B and grid[1] == chunks <= GRID_Y_MAX
+        assert lib.nova_adaln_launch_grid(2, B, L, D, chunks, vectorized, grid, ctypes.byref(tpr)) == 0
+        assert grid[0] == B and grid[1] <= 16
+    assert lib.nova_adaln_launch_grid(1, B, L, D, GRID_Y_MAX + 1, 1, grid, ctypes.byref(tpr)) != 0  # refused

@@ -131,6 +131,22 @@ def test_cuda_host_matches_eager(dtype, gate, B, L, D):
 
 
 @pytest.mark.host_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", [None, "token", "sample"])
+@pytest.mark.parametrize("D", [64, 96, 1024, 1280, 2048])
+def test_cuda_host_rows_per_block(dtype, gate, D):
+    """Several rows per block (16, 64 or 256 threads per row): D across the widths, 96 ragged against
+    the 16-byte pieces, rows ragged against the rows per block and per backward chunk; outputs poisoned."""
+    B, L = 2, 37 if D <= 96 else 11
+    x, y, weight, bias, g = make_inputs(B, L, D, dtype, "cpu", gate)
+    grad_out = torch.randn(B, L, D, dtype=dtype)
+    ref_out, ref_grads = reference(x, y, weight, bias, g, grad_out)
+    out, grads = host_residual_norm(x, y, weight, bias, g, grad_out, chunks=2)
+    assert_close(out, ref_out, dtype, f"forward D={D}")
+    check_grads(grads, ref_grads, dtype)
+
+
+@pytest.mark.host_cuda
 def test_cuda_host_in_place_and_unaligned():
     # y one element past a 16-byte boundary, odd D: scalar loads; the output is x itself.
     B, L, D = 2, 3, 77
