@@ -72,6 +72,12 @@ struct Layout {
   static __device__ __forceinline__ int col(int k) { return (k * TPR + lane()) * W; }
 };
 
+// The sample of a row: 32-bit division whenever the row index fits (the 64-bit division is a
+// subroutine call, after which nvcc spilled a forward kernel on sm_90).
+__device__ __forceinline__ long long sample_of(long long row, int L) {
+  return row <= 0x7fffffffLL ? static_cast<long long>(static_cast<int>(row) / L) : row / L;
+}
+
 // Sum over the TPR threads of a row; every one of them gets the total. Every thread of the block
 // must call it (rows past the end too): with TPR > 32 it uses __syncthreads. scratch: 32 floats.
 template <int TPR>
@@ -182,7 +188,7 @@ modulate_fwd_kernel(const T* __restrict__ x, long long x_sb, long long x_sl, con
   __shared__ float scratch[32];
   const long long row = static_cast<long long>(blockIdx.x) * Lay::kRows + Lay::row_in_block();
   const bool valid = row < rows;
-  const long long b = row / L, l = row - b * L;
+  const long long b = sample_of(row, L), l = row - b * L;
   float v[C][W];
   if (normalize) {
     float mean, rstd;
@@ -298,7 +304,7 @@ residual_norm_fwd_kernel(const T* x, long long x_sb, long long x_sl, const T* __
   __shared__ float scratch[32];
   const long long row = static_cast<long long>(blockIdx.x) * Lay::kRows + Lay::row_in_block();
   const bool valid = row < rows;
-  const long long b = row / L, l = row - b * L;
+  const long long b = sample_of(row, L), l = row - b * L;
   float v[C][W];
   float mean, rstd;
   normalize_row<T, W, TPR>(y + b * y_sb + l * y_sl, valid, D, eps, v, scratch, mean, rstd);
@@ -444,9 +450,10 @@ int threads_per_row(int D, bool vectorized) {
   return D <= 16 * kPerThread ? 16 : (D <= 64 * kPerThread ? 64 : kThreads);
 }
 
-// Calls launch(std::integral_constant<int, TPR>) for the runtime TPR.
-template <class F>
+// Calls launch(std::integral_constant<int, TPR>) for the runtime TPR (scalar pieces: 256 only).
+template <int W, class F>
 int with_threads_per_row(int tpr, F&& launch) {
+  if constexpr (W == 1) return launch(std::integral_constant<int, kThreads>{});
   switch (tpr) {
     case 16: return launch(std::integral_constant<int, 16>{});
     case 64: return launch(std::integral_constant<int, 64>{});
@@ -477,7 +484,7 @@ int modulate_fwd_w(int tpr, const void* x, long long x_sb, long long x_sl, const
                    float* rstd, long long rows, int L, int D, int normalize, float eps, void* stream) {
   long long gx;
   if (forward_grid(rows, tpr, gx) != cudaSuccess) return cudaErrorInvalidConfiguration;
-  return with_threads_per_row(tpr, [&](auto TPR) {
+  return with_threads_per_row<W>(tpr, [&](auto TPR) {
     auto k = modulate_fwd_kernel<T, W, decltype(TPR)::value>;
     return NOVA_LAUNCH(k, dim3(static_cast<unsigned>(gx)), dim3(kThreads), 0, stream, static_cast<const T*>(x), x_sb,
                        x_sl, static_cast<const T*>(scale), sc_sb, sc_sl, static_cast<const T*>(shift), sh_sb, sh_sl,
@@ -502,7 +509,7 @@ int modulate_bwd_w(int tpr, const void* dout, const void* x, long long x_sb, lon
                    long long sc_sb, long long sc_sl, const float* mean, const float* rstd, void* dx, void* dscale,
                    float* workspace, int chunks, int B, int L, int D, int normalize, int per_token, void* stream) {
   const int rows = (L + chunks - 1) / chunks;
-  return with_threads_per_row(tpr, [&](auto TPR) {
+  return with_threads_per_row<W>(tpr, [&](auto TPR) {
     auto k = modulate_bwd_kernel<T, W, decltype(TPR)::value>;
     return NOVA_LAUNCH(k, dim3(B, chunks), dim3(kThreads), 0, stream, static_cast<const T*>(dout),
                        static_cast<const T*>(x), x_sb, x_sl, static_cast<const T*>(scale), sc_sb, sc_sl, mean, rstd,
@@ -536,7 +543,7 @@ int residual_norm_fwd_w(int tpr, const void* x, long long x_sb, long long x_sl, 
                         long long rows, int L, int D, float eps, void* stream) {
   long long gx;
   if (forward_grid(rows, tpr, gx) != cudaSuccess) return cudaErrorInvalidConfiguration;
-  return with_threads_per_row(tpr, [&](auto TPR) {
+  return with_threads_per_row<W>(tpr, [&](auto TPR) {
     auto k = residual_norm_fwd_kernel<T, W, decltype(TPR)::value>;
     return NOVA_LAUNCH(k, dim3(static_cast<unsigned>(gx)), dim3(kThreads), 0, stream, static_cast<const T*>(x), x_sb,
                        x_sl, static_cast<const T*>(y), y_sb, y_sl, static_cast<const T*>(weight),
@@ -565,7 +572,7 @@ int residual_norm_bwd_w(int tpr, const void* dout, const void* y, long long y_sb
                         const float* rstd, void* dy, void* dgate_rows, float* workspace, int chunks, int B, int L,
                         int D, int gate_per_token, void* stream) {
   const int rows = (L + chunks - 1) / chunks;
-  return with_threads_per_row(tpr, [&](auto TPR) {
+  return with_threads_per_row<W>(tpr, [&](auto TPR) {
     auto k = residual_norm_bwd_kernel<T, W, decltype(TPR)::value>;
     return NOVA_LAUNCH(k, dim3(B, chunks), dim3(kThreads), 0, stream, static_cast<const T*>(dout),
                        static_cast<const T*>(y), y_sb, y_sl, static_cast<const T*>(weight),

@@ -90,6 +90,20 @@ def test_triton_matches_eager(triton_device, dtype, gate, D):
     check_parity("triton", 2, 4, D, dtype, triton_device, gate)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", ["token", "sample"])
+@pytest.mark.parametrize("D", [64, 96, 1024, 1280, 2048])
+def test_triton_rows_per_program(triton_device, monkeypatch, dtype, gate, D):
+    """Several rows per program for D <= 1024, ragged rows, 96 ragged against the block; every buffer
+    kernels.adaln allocates is NaN-poisoned (see tests/test_modulate.py)."""
+    from nova_fast.kernels import adaln
+    from test_modulate import _PoisonedEmpty
+
+    monkeypatch.setattr(adaln, "torch", _PoisonedEmpty())
+    check_parity("triton", 2, 37 if D <= 96 else 11, D, dtype, triton_device, gate)
+
+
 # ---- CUDA C++ through the host SIMT harness ----
 def _rows(t):
     if t is None:
