@@ -231,7 +231,8 @@ def guided_step(out, x, noise, new_x, coef, scales, step: int, *, guide: int, re
                                  BLOCK=block, num_warps=4)
         return new_x
     grid = (num_groups * chunks,)
-    partial = torch.empty((num_groups * chunks * 2 if renorm else 1,), device=x.device, dtype=torch.float32)
+    # without renorm the split kernel reads no partial sums (scales stands in for the pointer)
+    partial = torch.empty((num_groups * chunks * 2,), device=x.device, dtype=torch.float32) if renorm else scales
     if renorm:
         renorm_partials_kernel[grid](out, scales, partial, group_len, group_stride, x.numel(), chunks, GUIDE=guide,
                                      CHUNK=SPLIT_CHUNK, BLOCK=TILE, num_warps=4)
