@@ -453,11 +453,14 @@ int threads_per_row(int D, bool vectorized) {
 // Calls launch(std::integral_constant<int, TPR>) for the runtime TPR (scalar pieces: 256 only).
 template <int W, class F>
 int with_threads_per_row(int tpr, F&& launch) {
-  if constexpr (W == 1) return launch(std::integral_constant<int, kThreads>{});
-  switch (tpr) {
-    case 16: return launch(std::integral_constant<int, 16>{});
-    case 64: return launch(std::integral_constant<int, 64>{});
-    default: return launch(std::integral_constant<int, kThreads>{});
+  if constexpr (W == 1) {
+    return launch(std::integral_constant<int, kThreads>{});
+  } else {
+    switch (tpr) {
+      case 16: return launch(std::integral_constant<int, 16>{});
+      case 64: return launch(std::integral_constant<int, 64>{});
+      default: return launch(std::integral_constant<int, kThreads>{});
+    }
   }
 }
 
@@ -616,7 +619,9 @@ extern "C" int nova_adaln_launch_grid(int kernel, long long B, long long L, int 
   switch (kernel) {
     case 0: return forward_grid(B * L, tpr, grid[0]);
     case 1: grid[0] = B, grid[1] = chunks; return backward_grid(B, chunks);
-    case 2: grid[0] = B, grid[1] = (D + kThreads - 1) / kThreads; return B > kMaxGridX ? cudaErrorInvalidConfiguration : 0;
+    case 2:
+      grid[0] = B, grid[1] = (D + kThreads - 1) / kThreads;
+      return B > kMaxGridX ? cudaErrorInvalidConfiguration : cudaSuccess;
     default: return cudaErrorInvalidConfiguration;
   }
 }

@@ -13,8 +13,8 @@ void guided_step_binding(const at::Tensor& out, const at::Tensor& x, const c10::
   check_cuda(coef, "coef");
   check_cuda(scales, "scales");
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{out, "out"}, {x, "x"}, {new_x, "new_x"}}) {
-    TORCH_CHECK(t.is_contiguous(), "denoise_guided_step: ", name, " must be contiguous (flat passes / groups), got strides ",
-                t.strides());
+    TORCH_CHECK(t.is_contiguous(), "denoise_guided_step: ", name,
+                " must be contiguous (flat passes / groups), got strides ", t.strides());
   }
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && new_x.scalar_type() == x.scalar_type(),
               "denoise_guided_step: out, x and new_x must share one dtype");

@@ -290,7 +290,7 @@ def test_nvcc_builds_adaln_without_spills():
     reports = cuda_host.assert_no_spills(cuda_host.csrc_path("adaln"))
     print("\n" + "\n".join(f"{r.arch} {r.registers:4d} regs  {r.name}" for r in reports))
     assert {r.arch for r in reports} == {"sm_80", "sm_90"}
-    # per arch: 4 kernels x 3 dtypes x (16-byte pieces at 16/64/256 threads per row + scalar pieces), + 3 partial sums
+    # per arch: 4 kernels x 3 dtypes x (16-byte pieces at 16, 64, 256 threads per row + scalar), + 3 partial sums
     assert len(reports) == 2 * (4 * 3 * 4 + 3)
 
 
@@ -407,7 +407,8 @@ xc, yc, gc = x.float().contiguous(), y.float().contiguous(), gate.float().contig
 mod_ref = F.layer_norm(xc, (D,), eps=1e-6) * (1 + scale.float()) + shift.float()
 res_ref = xc + gc * F.layer_norm(yc, (D,), w.float(), bias.float(), 1e-5)
 leaf = xc.clone().requires_grad_()
-dx_ref, = torch.autograd.grad(F.layer_norm(leaf, (D,), eps=1e-6) * (1 + scale.float()) + shift.float(), leaf, dout.float())
+mod_leaf = F.layer_norm(leaf, (D,), eps=1e-6) * (1 + scale.float()) + shift.float()
+dx_ref, = torch.autograd.grad(mod_leaf, leaf, dout.float())
 leaf = yc.clone().requires_grad_()
 dy_ref, = torch.autograd.grad(xc + gc * F.layer_norm(leaf, (D,), w.float(), bias.float(), 1e-5), leaf, dout.float())
 if backend == "triton":
