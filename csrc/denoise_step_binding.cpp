@@ -5,7 +5,8 @@ namespace {
 
 void guided_step_binding(const at::Tensor& out, const at::Tensor& x, const c10::optional<at::Tensor>& noise,
                          const at::Tensor& new_x, const at::Tensor& coef, const at::Tensor& scales, int64_t step,
-                         int64_t group_len, int64_t group_stride, int64_t guide, bool renorm) {
+                         int64_t group_len, int64_t group_stride, int64_t guide, bool renorm,
+                         const c10::optional<at::Tensor>& workspace_opt) {
   using nova_binding::check_cuda;
   check_cuda(out, "out");
   check_cuda(x, "x");
@@ -44,7 +45,16 @@ void guided_step_binding(const at::Tensor& out, const at::Tensor& x, const c10::
   // long renorm groups are split over blocks: two fp32 partial sums per chunk (a few KB at most)
   const int64_t workspace_floats = denoise_step_workspace_floats(num_groups, static_cast<int>(group_len), renorm);
   at::Tensor workspace;
-  if (workspace_floats > 0) workspace = at::empty({workspace_floats}, x.options().dtype(at::kFloat));
+  if (workspace_floats > 0 && workspace_opt.has_value()) {  // the caller's (e.g. allocated before a captured loop)
+    workspace = *workspace_opt;
+    check_cuda(workspace, "workspace");
+    TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.is_contiguous() &&
+                    workspace.numel() >= workspace_floats,
+                "denoise_guided_step: workspace must be a contiguous fp32 tensor of at least ", workspace_floats,
+                " elements");
+  } else if (workspace_floats > 0) {
+    workspace = at::empty({workspace_floats}, x.options().dtype(at::kFloat));
+  }
   const int err = denoise_guided_step_ws(out.data_ptr(), x.data_ptr(), noise_ptr, new_x.data_ptr(),
                                          coef.data_ptr<float>(), scales.data_ptr<float>(),
                                          workspace_floats > 0 ? workspace.data_ptr<float>() : nullptr,
@@ -61,5 +71,7 @@ void bind_denoise_step(pybind11::module_& m) {
         pybind11::arg("out"), pybind11::arg("x"), pybind11::arg("noise"), pybind11::arg("new_x"),
         pybind11::arg("coef"), pybind11::arg("scales"), pybind11::arg("step"), pybind11::arg("group_len"),
         pybind11::arg("group_stride"),
-        pybind11::arg("guide"), pybind11::arg("renorm"));
+        pybind11::arg("guide"), pybind11::arg("renorm"), pybind11::arg("workspace") = pybind11::none());
+  m.def("denoise_step_workspace_floats", &denoise_step_workspace_floats,
+        "fp32 elements of the workspace denoise_guided_step needs (num_groups, group_len, renorm); 0: none");
 }

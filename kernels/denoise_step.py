@@ -201,6 +201,12 @@ def launch_grids(num_groups: int, group_len: int, renorm: bool) -> list[tuple[st
     return ([("renorm_partials_kernel", grid)] if renorm else []) + [("guided_step_split_kernel", grid)]
 
 
+def workspace_floats(num_groups: int, group_len: int, renorm: bool) -> int:
+    """fp32 elements of the partial-sum workspace one step needs (0: none)."""
+    chunks = split_chunks(group_len)
+    return 2 * num_groups * chunks if renorm and chunks else 0
+
+
 def _check_contiguous(**tensors) -> None:
     for name, t in tensors.items():
         if t is not None and not t.is_contiguous():
@@ -209,12 +215,14 @@ def _check_contiguous(**tensors) -> None:
 
 
 def guided_step(out, x, noise, new_x, coef, scales, step: int, *, guide: int, renorm: bool, group_len: int,
-                group_stride: int | None = None):
+                group_stride: int | None = None, workspace=None):
     """Launch one fused step: ``out`` (m*G*group_stride), ``x``/``noise``/``new_x`` (G*group_stride).
 
     Only the first ``group_len`` elements of every ``group_stride`` are read, normed and written
     (the rest are padding tokens of a bucket). Groups longer than SPLIT_CHUNK take two launches with
-    renorm (partial sums, then the step) and a small fp32 workspace.
+    renorm (partial sums, then the step) and a small fp32 workspace: ``workspace`` (at least
+    ``workspace_floats(...)`` fp32 elements, e.g. allocated once before a captured loop) or, when None,
+    one allocated here per call.
     """
     _check_contiguous(out=out, x=x, noise=noise, new_x=new_x, coef=coef, scales=scales)
     group_stride = group_len if group_stride is None else group_stride
@@ -232,7 +240,17 @@ def guided_step(out, x, noise, new_x, coef, scales, step: int, *, guide: int, re
         return new_x
     grid = (num_groups * chunks,)
     # without renorm the split kernel reads no partial sums (scales stands in for the pointer)
-    partial = torch.empty((num_groups * chunks * 2,), device=x.device, dtype=torch.float32) if renorm else scales
+    partial = scales
+    if renorm:
+        need = workspace_floats(num_groups, group_len, renorm)
+        if workspace is None:
+            partial = torch.empty((need,), device=x.device, dtype=torch.float32)
+        elif (workspace.dtype != torch.float32 or workspace.device != x.device or workspace.numel() < need
+              or not workspace.is_contiguous()):
+            raise ValueError(f"denoise step: workspace must be a contiguous fp32 tensor of at least {need} elements "
+                             f"on {x.device}, got {workspace.dtype} {tuple(workspace.shape)} on {workspace.device}")
+        else:
+            partial = workspace
     if renorm:
         renorm_partials_kernel[grid](out, scales, partial, group_len, group_stride, x.numel(), chunks, GUIDE=guide,
                                      CHUNK=SPLIT_CHUNK, BLOCK=TILE, num_warps=4)

@@ -411,3 +411,24 @@ def test_cuda_step_launch_plan_within_limits(num_groups, group_len):
             assert 1 <= grid[i] <= GRID_X_MAX and threads[i] in (128, 256)
         if group_len > 8192:
             assert grid[n - 1] >= num_groups * (group_len // 8192)
+
+
+@pytest.mark.triton
+def test_triton_step_with_caller_workspace(triton_device):
+    """A workspace allocated once by the caller (e.g. before a captured loop) gives the same step;
+    a too-small one is refused by name."""
+    from nova_fast.kernels import denoise_step as kernel
+
+    out, x, noise, coef, scales = make_case(op.GUIDE_CFG, 2, 9000, torch.float32, triton_device)
+    need = kernel.workspace_floats(2, 9000, True)
+    assert need == 2 * 2 * kernel.split_chunks(9000) > 0 and kernel.workspace_floats(2, 9000, False) == 0
+    ws = torch.full((need,), float("nan"), device=triton_device)
+    got = kernel.guided_step(out, x, noise, poison_like(x), coef, scales, 1, guide=op.GUIDE_CFG, renorm=True,
+                             group_len=9000, workspace=ws)
+    want = expected_step(out.cpu(), x.cpu(), noise.cpu(), coef[1].cpu(), 4.5, 1.7, RENORM_MIN, op.GUIDE_CFG, True,
+                         9000)
+    assert_close(got.cpu(), want, torch.float32, "caller workspace")
+    assert torch.isfinite(ws).all()  # the partial sums went there
+    with pytest.raises(ValueError, match="workspace must be"):
+        kernel.guided_step(out, x, noise, torch.empty_like(x), coef, scales, 1, guide=op.GUIDE_CFG, renorm=True,
+                           group_len=9000, workspace=ws[:need - 1])
