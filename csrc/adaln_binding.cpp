@@ -18,6 +18,12 @@ void check_rows(const Tensor& t, const char* name) {
   TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, "nova_fast._C adaln: ", name, " needs unit stride along D");
 }
 
+// The C launchers take B, L and D as int and rows (B * L) as 64-bit.
+void check_sizes(int64_t B, int64_t L) {
+  TORCH_CHECK(B < (int64_t(1) << 31) && L < (int64_t(1) << 31), "nova_fast._C adaln: B = ", B, " and L = ", L,
+              " must each be below 2^31");
+}
+
 int backward_chunks(int64_t B, int64_t L) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = (4 * sms + B - 1) / std::max<int64_t>(B, 1);
@@ -30,6 +36,7 @@ std::vector<Tensor> modulate_fwd(const Tensor& x, const Tensor& scale, const Ten
   check_rows(scale, "scale");
   check_rows(shift, "shift");
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
+  check_sizes(B, L);
   auto out = at::empty({B, L, D}, x.options());
   const bool stats = store_stats && normalize;
   auto mean = at::empty(stats ? std::vector<int64_t>{B, L} : std::vector<int64_t>{0}, x.options().dtype(at::kFloat));
@@ -53,6 +60,7 @@ std::vector<Tensor> modulate_bwd(const Tensor& dout, const Tensor& x, const Tens
   check_rows(scale, "scale");
   TORCH_CHECK(dout.is_contiguous(), "nova_fast._C adaln: dout must be contiguous");
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
+  check_sizes(B, L);
   const bool per_token = scale.size(1) == L;
   auto dx = at::empty({B, L, D}, x.options());
   auto dscale = at::empty({B, per_token ? L : 1, D}, x.options());
@@ -84,6 +92,7 @@ std::vector<Tensor> residual_norm_fwd(const Tensor& x, const Tensor& y, const Te
   if (gate) check_rows(*gate, "gate");
   TORCH_CHECK(weight.is_contiguous() && bias.is_contiguous(), "nova_fast._C adaln: weight and bias must be contiguous");
   const int64_t B = y.size(0), L = y.size(1), D = y.size(2);
+  check_sizes(B, L);
   Tensor out = out_opt ? *out_opt : at::empty({B, L, D}, y.options());
   auto mean = at::empty(store_stats ? std::vector<int64_t>{B, L} : std::vector<int64_t>{0}, y.options().dtype(at::kFloat));
   auto rstd = at::empty_like(mean);
@@ -110,13 +119,20 @@ std::vector<c10::optional<Tensor>> residual_norm_bwd(const Tensor& dout, const T
   if (gate) check_rows(*gate, "gate");
   TORCH_CHECK(dout.is_contiguous(), "nova_fast._C adaln: dout must be contiguous");
   const int64_t B = y.size(0), L = y.size(1), D = y.size(2);
+  check_sizes(B, L);
   const bool gate_per_token = gate && gate->size(1) == L;
   auto dy = at::empty({B, L, D}, y.options());
-  auto dweight = at::zeros({D}, weight.options());
-  auto dbias = at::zeros({D}, bias.options());
+  // the kernels write every element of the gradients (the partial sums cover every column); only
+  // an empty batch leaves them to be zero-filled here
+  const bool empty = B * L == 0;
+  auto dweight = empty ? at::zeros({D}, weight.options()) : at::empty({D}, weight.options());
+  auto dbias = empty ? at::zeros({D}, bias.options()) : at::empty({D}, bias.options());
   c10::optional<Tensor> dgate;
-  if (gate) dgate = at::zeros({B, gate_per_token ? L : 1, D}, y.options());
-  if (B * L == 0) return {dy, dweight, dbias, dgate};
+  if (gate) {
+    const std::vector<int64_t> shape{B, gate_per_token ? L : 1, D};
+    dgate = empty ? at::zeros(shape, y.options()) : at::empty(shape, y.options());
+  }
+  if (empty) return {dy, dweight, dbias, dgate};
   const int chunks = backward_chunks(B, L);
   auto workspace = at::empty({B * chunks * 3 * D}, y.options().dtype(at::kFloat));
   auto [y_sb, y_sl] = row_strides(y);

@@ -11,6 +11,15 @@ extern "C" {
 int denoise_guided_step(const void* out, const void* x, const void* noise, void* new_x, const float* coef,
                         const float* scales, int step, int num_groups, int group_len, int group_stride, int guide,
                         int renorm, int dtype, void* stream);
+// The same with a workspace of denoise_step_workspace_floats(...) fp32 (null when that is 0): long
+// renorm groups are then split over blocks. denoise_step_launch_plan fills the launches' kind, grid.x
+// and threads (at most 2) without launching and returns their number.
+int denoise_guided_step_ws(const void* out, const void* x, const void* noise, void* new_x, const float* coef,
+                           const float* scales, float* workspace, int step, int num_groups, int group_len,
+                           int group_stride, int guide, int renorm, int dtype, void* stream);
+int denoise_step_workspace_floats(int num_groups, int group_len, int renorm);
+int denoise_step_launch_plan(int num_groups, int group_len, int renorm, int has_workspace, int* kind,
+                             long long* grid, int* threads);
 // adaln.cu: modulate (LN(x) or x) * (1 + scale) + shift and residual_norm x + gate * (LN(y) * w + b).
 // Strides are (per sample, per token) in elements (0: broadcast); outputs/gradients contiguous (B, L, D).
 // Backward: workspace is fp32 (B, chunks, 2 | 3, D); mean/rstd fp32 (B, L); gate/dgate may be null.
@@ -29,4 +38,9 @@ int nova_residual_norm_bwd(const void* dout, const void* y, long long y_sb, long
                            const void* bias, const void* gate, long long g_sb, long long g_sl, const float* mean,
                            const float* rstd, void* dy, void* dweight, void* dbias, void* dgate, float* workspace,
                            int chunks, int B, int L, int D, int gate_per_token, int dtype, void* stream);
+// The grid (x, y, z) of an adaLN launch and its threads per row, computed as the launchers do, without
+// launching: kernel 0 a forward, 1 a backward (B, chunks), 2 the partial sums (B groups). Returns
+// cudaErrorInvalidConfiguration where the launcher would refuse (past CUDA's grid limits).
+int nova_adaln_launch_grid(int kernel, long long B, long long L, int D, int chunks, int vectorized, long long* grid,
+                           int* threads_per_row);
 }

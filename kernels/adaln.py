@@ -5,10 +5,11 @@ stride_l`` with unit stride along D, so per-sample statistics (B, 1, D) are stri
 chunks of one projection output (row stride 2*D or 3*D) are read in place, without a copy. Outputs
 are contiguous (B, L, D) except the in-place residual, which writes through x's strides.
 
-Forward: one program per row, the whole row in registers (BLOCK_D = next power of two >= D, masked
-for ragged D), fp32 statistics, one read of each input and one write of the output.
+Forward: one program per ROWS rows (a [ROWS, BLOCK_D] tile of up to ROW_TILE elements; BLOCK_D = next
+power of two >= D, masked for ragged D and past the last row), fp32 statistics, one read of each
+input and one write of the output. Row offsets are int64 (``_program_rows``).
 
-Backward: program (b, chunk) walks ``rows_per_prog`` consecutive rows of sample b. Per-token
+Backward: program (b, chunk) walks ``rows_per_prog`` consecutive rows of sample b, ROWS at a time. Per-token
 statistics get their gradient written row by row; per-sample statistics (and the LayerNorm weight
 and bias) accumulate in fp32 registers across the program's rows and leave one partial row per
 program, summed over the chunks by the launcher (a (programs, D) read, small next to the inputs).
@@ -24,138 +25,179 @@ from nova_fast.testing.triton_aot import AotSpec
 MAX_D = 4096
 
 
+# Rows per program: short rows share a program as a [ROWS, BLOCK_D] tile of up to ROW_TILE elements
+# (D <= 1024: 2 to 128 rows), so a program's fixed work (weight / bias loads, launch share) is
+# amortized and its threads all hold row elements; D > 1024 keeps one row per program.
+ROW_TILE = 2048
+
+
 def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def num_warps_for(block: int, backward: bool = False) -> int:
-    # Forward: 8-16 values per thread and tensor (4 warps up to 1024 columns, 8 at 2048, 16 at 4096).
-    # Backward holds about twice as many row vectors (accumulators): twice the warps, at most 16.
-    return min(16, max(4, block // (128 if backward else 256)))
+def rows_per_program(block: int) -> int:
+    return max(1, ROW_TILE // block)
+
+
+def num_warps_for(tile: int, backward: bool = False) -> int:
+    # Forward: 8-16 values per thread and tensor (4 warps up to 1024 elements, 8 at 2048, 16 at 4096).
+    # Backward holds about twice as many tiles (accumulators): twice the warps, at most 16.
+    return min(16, max(4, tile // (128 if backward else 256)))
+
+
+def forward_grid(rows: int, D: int) -> tuple[int]:
+    """Grid of the forward kernels: rows on axis 0 only (limit 2^31 - 1 programs)."""
+    return (triton.cdiv(rows, rows_per_program(block_d(D))),)
+
+
+# ---------------------------------------------------------------- shared index math
+@triton.jit
+def _program_rows(pid, n_rows, L, ROWS: tl.constexpr):
+    """The ROWS consecutive rows of program ``pid`` as int64 (row, b, l) vectors and their mask: all
+    offset products (row * D, b * stride_b, l * stride_l) are then 64-bit."""
+    row = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    b = row // L
+    return row, b, row - b * L, row < n_rows
+
+
+@triton.jit
+def _load_rows(ptr, b, l, sb, sl, cols, mask):
+    return tl.load(ptr + (b * sb + l * sl)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 # ---------------------------------------------------------------- modulate
 @triton.jit
 def modulate_fwd_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, mean_ptr, rstd_ptr,
-                        L, D, x_sb, x_sl, sc_sb, sc_sl, sh_sb, sh_sl, eps,
-                        NORMALIZE: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // L
-    l = row - b * L
+                        n_rows, L, D, x_sb, x_sl, sc_sb, sc_sl, sh_sb, sh_sl, eps,
+                        NORMALIZE: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_D: tl.constexpr,
+                        ROWS: tl.constexpr):
+    row, b, l, row_ok = _program_rows(tl.program_id(0), n_rows, L, ROWS)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(x_ptr + b * x_sb + l * x_sl + cols, mask=mask, other=0.0).to(tl.float32)
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    x = _load_rows(x_ptr, b, l, x_sb, x_sl, cols, mask)
     if NORMALIZE:
-        mean = tl.sum(x, axis=0) / D
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
-        x = xc * rstd
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        x = xc * rstd[:, None]
         if STORE_STATS:
-            tl.store(mean_ptr + row, mean)
-            tl.store(rstd_ptr + row, rstd)
-    scale = tl.load(scale_ptr + b * sc_sb + l * sc_sl + cols, mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + b * sh_sb + l * sh_sl + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(mean_ptr + row, mean, mask=row_ok)
+            tl.store(rstd_ptr + row, rstd, mask=row_ok)
+    scale = _load_rows(scale_ptr, b, l, sc_sb, sc_sl, cols, mask)
+    shift = _load_rows(shift_ptr, b, l, sh_sb, sh_sl, cols, mask)
     out = x * (1.0 + scale) + shift
-    tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def modulate_bwd_kernel(dout_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, dscale_ptr, partial_ptr,
                         L, D, rows_per_prog, x_sb, x_sl, sc_sb, sc_sl,
-                        NORMALIZE: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK_D: tl.constexpr):
+                        NORMALIZE: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK_D: tl.constexpr,
+                        ROWS: tl.constexpr):
     # dout, dx, dscale (per token) are contiguous (B, L, D); partial is fp32 (B, chunks, 2, D):
-    # per-sample d scale and d shift of this program's rows.
+    # per-sample d scale and d shift of this program's rows, walked ROWS at a time.
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    acc_dscale = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_dshift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    col_ok = cols < D
+    acc_dscale = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc_dshift = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     l_start = chunk * rows_per_prog
     l_end = tl.minimum(l_start + rows_per_prog, L)
-    for l in range(l_start, l_end):
+    for l0 in range(l_start, l_end, ROWS):
+        l = (l0 + tl.arange(0, ROWS)).to(tl.int64)
+        row_ok = l < l_end
+        mask = row_ok[:, None] & col_ok[None, :]
         row = b * L + l
-        dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        xhat = tl.load(x_ptr + b * x_sb + l * x_sl + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + b * sc_sb + l * sc_sl + cols, mask=mask, other=0.0).to(tl.float32)
+        offs = row[:, None] * D + cols[None, :]
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = _load_rows(x_ptr, b, l, x_sb, x_sl, cols, mask)
+        scale = _load_rows(scale_ptr, b, l, sc_sb, sc_sl, cols, mask)
         dxhat = dout * (1.0 + scale)
         if NORMALIZE:
-            mean = tl.load(mean_ptr + row)
-            rstd = tl.load(rstd_ptr + row)
-            xhat = tl.where(mask, (xhat - mean) * rstd, 0.0)
-            c_xhat = tl.sum(dxhat * xhat, axis=0) / D
-            c_one = tl.sum(dxhat, axis=0) / D
-            dx = (dxhat - xhat * c_xhat - c_one) * rstd
+            mean = tl.load(mean_ptr + row, mask=row_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (xhat - mean[:, None]) * rstd[:, None], 0.0)
+            c_xhat = tl.sum(dxhat * xhat, axis=1) / D
+            c_one = tl.sum(dxhat, axis=1) / D
+            dx = (dxhat - xhat * c_xhat[:, None] - c_one[:, None]) * rstd[:, None]
         else:
             dx = dxhat
-        tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if PER_TOKEN:
-            tl.store(dscale_ptr + row * D + cols, (dout * xhat).to(dscale_ptr.dtype.element_ty), mask=mask)
+            tl.store(dscale_ptr + offs, (dout * xhat).to(dscale_ptr.dtype.element_ty), mask=mask)
         else:
             acc_dscale += dout * xhat
             acc_dshift += dout
     if not PER_TOKEN:
         base = partial_ptr + (b * tl.num_programs(1) + chunk) * 2 * D
-        tl.store(base + cols, acc_dscale, mask=mask)
-        tl.store(base + D + cols, acc_dshift, mask=mask)
+        tl.store(base + cols, tl.sum(acc_dscale, axis=0), mask=col_ok)
+        tl.store(base + D + cols, tl.sum(acc_dshift, axis=0), mask=col_ok)
 
 
 # ---------------------------------------------------------------- residual_norm
 @triton.jit
 def residual_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, bias_ptr, gate_ptr, out_ptr, mean_ptr, rstd_ptr,
-                             L, D, x_sb, x_sl, y_sb, y_sl, g_sb, g_sl, o_sb, o_sl, eps,
-                             HAS_GATE: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // L
-    l = row - b * L
+                             n_rows, L, D, x_sb, x_sl, y_sb, y_sl, g_sb, g_sl, o_sb, o_sl, eps,
+                             HAS_GATE: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_D: tl.constexpr,
+                             ROWS: tl.constexpr):
+    row, b, l, row_ok = _program_rows(tl.program_id(0), n_rows, L, ROWS)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    y = tl.load(y_ptr + b * y_sb + l * y_sl + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(y, axis=0) / D
-    yc = tl.where(mask, y - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(yc * yc, axis=0) / D + eps)
+    col_ok = cols < D
+    mask = row_ok[:, None] & col_ok[None, :]
+    y = _load_rows(y_ptr, b, l, y_sb, y_sl, cols, mask)
+    mean = tl.sum(y, axis=1) / D
+    yc = tl.where(mask, y - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(yc * yc, axis=1) / D + eps)
     if STORE_STATS:
-        tl.store(mean_ptr + row, mean)
-        tl.store(rstd_ptr + row, rstd)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    branch = yc * rstd * w + bias
+        tl.store(mean_ptr + row, mean, mask=row_ok)
+        tl.store(rstd_ptr + row, rstd, mask=row_ok)
+    # weight and bias: loaded once per program, shared by its ROWS rows
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    branch = yc * rstd[:, None] * w[None, :] + bias[None, :]
     if HAS_GATE:
-        branch *= tl.load(gate_ptr + b * g_sb + l * g_sl + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + b * x_sb + l * x_sl + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * o_sb + l * o_sl + cols, (x + branch).to(out_ptr.dtype.element_ty), mask=mask)
+        branch *= _load_rows(gate_ptr, b, l, g_sb, g_sl, cols, mask)
+    x = _load_rows(x_ptr, b, l, x_sb, x_sl, cols, mask)
+    out = (x + branch).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (b * o_sb + l * o_sl)[:, None] + cols[None, :], out, mask=mask)
 
 
 @triton.jit
 def residual_norm_bwd_kernel(dout_ptr, y_ptr, w_ptr, bias_ptr, gate_ptr, mean_ptr, rstd_ptr,
                              dy_ptr, dgate_ptr, partial_ptr,
                              L, D, rows_per_prog, y_sb, y_sl, g_sb, g_sl,
-                             HAS_GATE: tl.constexpr, GATE_PER_TOKEN: tl.constexpr, BLOCK_D: tl.constexpr):
+                             HAS_GATE: tl.constexpr, GATE_PER_TOKEN: tl.constexpr, BLOCK_D: tl.constexpr,
+                             ROWS: tl.constexpr):
     # dout, dy, dgate (per token) are contiguous (B, L, D); partial is fp32 (B, chunks, 3, D):
-    # d weight, d bias and (per-sample gate) d gate of this program's rows.
+    # d weight, d bias and (per-sample gate) d gate of this program's rows, walked ROWS at a time.
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    acc_dw = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_db = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_dg = tl.zeros([BLOCK_D], dtype=tl.float32)
+    col_ok = cols < D
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc_dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc_db = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc_dg = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     l_start = chunk * rows_per_prog
     l_end = tl.minimum(l_start + rows_per_prog, L)
-    for l in range(l_start, l_end):
+    for l0 in range(l_start, l_end, ROWS):
+        l = (l0 + tl.arange(0, ROWS)).to(tl.int64)
+        row_ok = l < l_end
+        mask = row_ok[:, None] & col_ok[None, :]
         row = b * L + l
-        dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + b * y_sb + l * y_sl + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + row)
-        rstd = tl.load(rstd_ptr + row)
-        yhat = tl.where(mask, (y - mean) * rstd, 0.0)
+        offs = row[:, None] * D + cols[None, :]
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _load_rows(y_ptr, b, l, y_sb, y_sl, cols, mask)
+        mean = tl.load(mean_ptr + row, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)
+        yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_GATE:
-            gate = tl.load(gate_ptr + b * g_sb + l * g_sl + cols, mask=mask, other=0.0).to(tl.float32)
-            bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            gate = _load_rows(gate_ptr, b, l, g_sb, g_sl, cols, mask)
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             dgate = dout * (yhat * w + bias)
             if GATE_PER_TOKEN:
-                tl.store(dgate_ptr + row * D + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+                tl.store(dgate_ptr + offs, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
             else:
                 acc_dg += dgate
             dbranch = dout * gate
@@ -164,16 +206,16 @@ def residual_norm_bwd_kernel(dout_ptr, y_ptr, w_ptr, bias_ptr, gate_ptr, mean_pt
         acc_dw += dbranch * yhat
         acc_db += dbranch
         dyhat = dbranch * w
-        c_yhat = tl.sum(dyhat * yhat, axis=0) / D
-        c_one = tl.sum(dyhat, axis=0) / D
-        dy = (dyhat - yhat * c_yhat - c_one) * rstd
-        tl.store(dy_ptr + row * D + cols, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+        c_yhat = tl.sum(dyhat * yhat, axis=1) / D
+        c_one = tl.sum(dyhat, axis=1) / D
+        dy = (dyhat - yhat * c_yhat[:, None] - c_one[:, None]) * rstd[:, None]
+        tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
     base = partial_ptr + (b * tl.num_programs(1) + chunk) * 3 * D
-    tl.store(base + cols, acc_dw, mask=mask)
-    tl.store(base + D + cols, acc_db, mask=mask)
+    tl.store(base + cols, tl.sum(acc_dw, axis=0), mask=col_ok)
+    tl.store(base + D + cols, tl.sum(acc_db, axis=0), mask=col_ok)
     if HAS_GATE:
         if not GATE_PER_TOKEN:
-            tl.store(base + 2 * D + cols, acc_dg, mask=mask)
+            tl.store(base + 2 * D + cols, tl.sum(acc_dg, axis=0), mask=col_ok)
 
 
 # ---------------------------------------------------------------- launchers
@@ -204,9 +246,11 @@ def modulate_fwd(x, scale, shift, normalize: bool, eps: float, store_stats: bool
     if B * L == 0:
         return out, mean, rstd
     blk = block_d(D)
-    modulate_fwd_kernel[(B * L,)](x, scale, shift, out, mean, rstd, L, D, *_rows(x), *_rows(scale),
-                                  *_rows(shift), eps, NORMALIZE=normalize, STORE_STATS=stats, BLOCK_D=blk,
-                                  num_warps=num_warps_for(blk))
+    rows = rows_per_program(blk)
+    modulate_fwd_kernel[forward_grid(B * L, D)](x, scale, shift, out, mean, rstd, B * L, L, D, *_rows(x),
+                                                *_rows(scale), *_rows(shift), eps, NORMALIZE=normalize,
+                                                STORE_STATS=stats, BLOCK_D=blk, ROWS=rows,
+                                                num_warps=num_warps_for(rows * blk))
     return out, mean, rstd
 
 
@@ -222,9 +266,10 @@ def modulate_bwd(dout, x, scale, mean, rstd, normalize: bool):
     partial = torch.empty((0,) if per_token else (B, chunks, 2, D), device=x.device, dtype=torch.float32)
     if B * L:
         blk = block_d(D)
+        rows = rows_per_program(blk)
         modulate_bwd_kernel[(B, chunks)](dout, x, scale, mean, rstd, dx, dscale, partial, L, D, rows_per_prog,
                                          *_rows(x), *_rows(scale), NORMALIZE=normalize, PER_TOKEN=per_token,
-                                         BLOCK_D=blk, num_warps=num_warps_for(blk, backward=True))
+                                         BLOCK_D=blk, ROWS=rows, num_warps=num_warps_for(rows * blk, backward=True))
     if per_token:
         return dx, dscale, None
     # (B, 1, D) each, in separate storage: autograd outputs must not alias one another
@@ -241,11 +286,13 @@ def residual_norm_fwd(x, y, weight, bias, gate, eps: float, store_stats: bool, o
     if B * L == 0:
         return out, mean, rstd
     blk = block_d(D)
+    rows = rows_per_program(blk)
     has_gate = gate is not None
-    residual_norm_fwd_kernel[(B * L,)](x, y, weight, bias, gate if has_gate else y, out, mean, rstd, L, D,
-                                       *_rows(x), *_rows(y), *(_rows(gate) if has_gate else (0, 0)),
-                                       *_rows(out), eps, HAS_GATE=has_gate, STORE_STATS=store_stats,
-                                       BLOCK_D=blk, num_warps=num_warps_for(blk))
+    residual_norm_fwd_kernel[forward_grid(B * L, D)](x, y, weight, bias, gate if has_gate else y, out, mean, rstd,
+                                                     B * L, L, D, *_rows(x), *_rows(y),
+                                                     *(_rows(gate) if has_gate else (0, 0)), *_rows(out), eps,
+                                                     HAS_GATE=has_gate, STORE_STATS=store_stats, BLOCK_D=blk,
+                                                     ROWS=rows, num_warps=num_warps_for(rows * blk))
     return out, mean, rstd
 
 
@@ -262,11 +309,12 @@ def residual_norm_bwd(dout, y, weight, bias, gate, mean, rstd):
     partial = torch.empty((B, chunks, 3, D), device=y.device, dtype=torch.float32)
     if B * L:
         blk = block_d(D)
+        rows = rows_per_program(blk)
         residual_norm_bwd_kernel[(B, chunks)](dout, y, weight, bias, gate if has_gate else y, mean, rstd, dy,
                                               dgate if gate_per_token else dy, partial, L, D, rows_per_prog,
                                               *_rows(y), *(_rows(gate) if has_gate else (0, 0)),
                                               HAS_GATE=has_gate, GATE_PER_TOKEN=gate_per_token, BLOCK_D=blk,
-                                              num_warps=num_warps_for(blk, backward=True))
+                                              ROWS=rows, num_warps=num_warps_for(rows * blk, backward=True))
     else:
         partial.zero_()
     sums = partial.sum(1)  # (B, 3, D)
@@ -281,43 +329,51 @@ def residual_norm_bwd(dout, y, weight, bias, gate, mean, rstd):
 _TY = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
+# Production widths: 1024 (encoders; two rows per program), 1280 (osp480 head), 4096 (the largest D).
+AOT_WIDTHS = {"fp32": (1024, 1280, 4096), "fp16": (1024, 1280), "bf16": (1024, 1280, 4096)}
+
+
 def _specs():
     specs = []
     for dt, ptr in _TY.items():
-        for D in (1280, 4096):
+        for D in AOT_WIDTHS[dt]:
             blk = block_d(D)
-            nw = num_warps_for(blk)
+            rows = rows_per_program(blk)
+            nw = num_warps_for(rows * blk)
+            nw_bwd = num_warps_for(rows * blk, backward=True)
+            tag = f"D<={blk} x{rows}"
             sig = {n: ptr for n in ("x_ptr", "scale_ptr", "shift_ptr", "out_ptr")}
-            sig.update(mean_ptr="*fp32", rstd_ptr="*fp32", L="i32", D="i32", x_sb="i64", x_sl="i64",
+            sig.update(mean_ptr="*fp32", rstd_ptr="*fp32", n_rows="i32", L="i32", D="i32", x_sb="i64", x_sl="i64",
                        sc_sb="i64", sc_sl="i64", sh_sb="i64", sh_sl="i64", eps="fp32", NORMALIZE="constexpr",
-                       STORE_STATS="constexpr", BLOCK_D="constexpr")
-            specs.append(AotSpec("modulate_fwd_kernel", sig, {"NORMALIZE": True, "STORE_STATS": True, "BLOCK_D": blk},
-                                 num_warps=nw, label=f"modulate_fwd {dt} D<={blk}"))
+                       STORE_STATS="constexpr", BLOCK_D="constexpr", ROWS="constexpr")
+            specs.append(AotSpec("modulate_fwd_kernel", sig,
+                                 {"NORMALIZE": True, "STORE_STATS": True, "BLOCK_D": blk, "ROWS": rows},
+                                 num_warps=nw, label=f"modulate_fwd {dt} {tag}"))
             sig = {n: ptr for n in ("dout_ptr", "x_ptr", "scale_ptr", "dx_ptr", "dscale_ptr")}
             sig.update(mean_ptr="*fp32", rstd_ptr="*fp32", partial_ptr="*fp32", L="i32", D="i32",
                        rows_per_prog="i32", x_sb="i64", x_sl="i64", sc_sb="i64", sc_sl="i64",
-                       NORMALIZE="constexpr", PER_TOKEN="constexpr", BLOCK_D="constexpr")
+                       NORMALIZE="constexpr", PER_TOKEN="constexpr", BLOCK_D="constexpr", ROWS="constexpr")
             for per_token in (True, False):
                 specs.append(AotSpec("modulate_bwd_kernel", sig,
-                                     {"NORMALIZE": True, "PER_TOKEN": per_token, "BLOCK_D": blk},
-                                     num_warps=num_warps_for(blk, backward=True),
-                                     label=f"modulate_bwd {dt} D<={blk} {'token' if per_token else 'sample'}"))
+                                     {"NORMALIZE": True, "PER_TOKEN": per_token, "BLOCK_D": blk, "ROWS": rows},
+                                     num_warps=nw_bwd,
+                                     label=f"modulate_bwd {dt} {tag} {'token' if per_token else 'sample'}"))
             sig = {n: ptr for n in ("x_ptr", "y_ptr", "w_ptr", "bias_ptr", "gate_ptr", "out_ptr")}
-            sig.update(mean_ptr="*fp32", rstd_ptr="*fp32", L="i32", D="i32", x_sb="i64", x_sl="i64", y_sb="i64",
-                       y_sl="i64", g_sb="i64", g_sl="i64", o_sb="i64", o_sl="i64", eps="fp32",
-                       HAS_GATE="constexpr", STORE_STATS="constexpr", BLOCK_D="constexpr")
+            sig.update(mean_ptr="*fp32", rstd_ptr="*fp32", n_rows="i32", L="i32", D="i32", x_sb="i64", x_sl="i64",
+                       y_sb="i64", y_sl="i64", g_sb="i64", g_sl="i64", o_sb="i64", o_sl="i64", eps="fp32",
+                       HAS_GATE="constexpr", STORE_STATS="constexpr", BLOCK_D="constexpr", ROWS="constexpr")
             specs.append(AotSpec("residual_norm_fwd_kernel", sig,
-                                 {"HAS_GATE": True, "STORE_STATS": True, "BLOCK_D": blk}, num_warps=nw,
-                                 label=f"residual_norm_fwd {dt} D<={blk} gate"))
+                                 {"HAS_GATE": True, "STORE_STATS": True, "BLOCK_D": blk, "ROWS": rows}, num_warps=nw,
+                                 label=f"residual_norm_fwd {dt} {tag} gate"))
             sig = {n: ptr for n in ("dout_ptr", "y_ptr", "w_ptr", "bias_ptr", "gate_ptr", "dy_ptr", "dgate_ptr")}
             sig.update(mean_ptr="*fp32", rstd_ptr="*fp32", partial_ptr="*fp32", L="i32", D="i32",
                        rows_per_prog="i32", y_sb="i64", y_sl="i64", g_sb="i64", g_sl="i64",
-                       HAS_GATE="constexpr", GATE_PER_TOKEN="constexpr", BLOCK_D="constexpr")
+                       HAS_GATE="constexpr", GATE_PER_TOKEN="constexpr", BLOCK_D="constexpr", ROWS="constexpr")
             for per_token in (True, False):
                 specs.append(AotSpec("residual_norm_bwd_kernel", sig,
-                                     {"HAS_GATE": True, "GATE_PER_TOKEN": per_token, "BLOCK_D": blk},
-                                     num_warps=num_warps_for(blk, backward=True),
-                                     label=f"residual_norm_bwd {dt} D<={blk} gate {'token' if per_token else 'sample'}"))
+                                     {"HAS_GATE": True, "GATE_PER_TOKEN": per_token, "BLOCK_D": blk, "ROWS": rows},
+                                     num_warps=nw_bwd,
+                                     label=f"residual_norm_bwd {dt} {tag} gate {'token' if per_token else 'sample'}"))
     return specs
 
 
@@ -338,7 +394,7 @@ def compile_aligned(targets=(80, 90)):
     results = []
     for spec in AOT_SPECS:
         attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(spec.signature.items())
-                 if ty.startswith("*") or (ty in ("i32", "i64") and name not in ("L", "rows_per_prog"))}
+                 if ty.startswith("*") or (ty in ("i32", "i64") and name not in ("L", "rows_per_prog", "n_rows"))}
         for arch in targets:
             src = ASTSource(fn=globals()[spec.kernel], signature=spec.signature, constexprs=spec.constexprs,
                             attrs=attrs)

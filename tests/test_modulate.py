@@ -105,6 +105,39 @@ def test_triton_writes_every_element(triton_device):
     assert_close(mean, x.float().mean(-1), torch.float32, "mean")
 
 
+class _PoisonedEmpty:
+    """Stands in for ``torch`` inside kernels.adaln: every float tensor it allocates is NaN-filled, so an
+    output, statistic or partial-sum element a kernel leaves unwritten fails the comparison."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@pytest.fixture
+def poisoned_triton_outputs(monkeypatch):
+    from nova_fast.kernels import adaln
+
+    monkeypatch.setattr(adaln, "torch", _PoisonedEmpty())
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("D", [64, 96, 1024, 1280, 2048])
+def test_triton_rows_per_program(triton_device, poisoned_triton_outputs, dtype, per_token, D):
+    """Several rows per program for D <= 1024 (32 at D = 64, 2 at 1024), ragged rows against the
+    rows per program and per backward chunk, 96 ragged against the block; outputs NaN-poisoned."""
+    from nova_fast.kernels import adaln
+
+    assert adaln.rows_per_program(adaln.block_d(D)) == max(1, 2048 // adaln.block_d(D))
+    check_parity("triton", 2, 37 if D <= 96 else 11, D, dtype, triton_device, per_token, normalize=True)
+
+
 # ---- CUDA C++ through the host SIMT harness ----
 def _rows(t):
     """(stride per sample, stride per token) as the launchers' long long arguments (0: broadcast)."""
@@ -141,6 +174,28 @@ def test_cuda_host_matches_eager(dtype, per_token, B, L, D):
     out, grads = host_modulate(x, scale, shift, True, grad_out)
     assert_close(out, ref_out, dtype, "forward")
     for name, g, ref in zip(("dx", "dscale", "dshift"), grads, ref_grads):
+        torch.testing.assert_close(g.float(), ref, rtol=GRAD_TOL[dtype],
+                                   atol=GRAD_TOL[dtype] * max(1.0, ref.abs().max().item()), msg=lambda m: f"{name}: {m}")
+
+
+# Several rows per block / program: D across the row widths (16, 64, 256 threads per row in CUDA;
+# 96 ragged against the 16-byte pieces), rows ragged against the rows per block and per chunk.
+ROW_WIDTH_DS = [64, 96, 1024, 1280, 2048]
+
+
+@pytest.mark.host_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("D", ROW_WIDTH_DS)
+def test_cuda_host_rows_per_block(dtype, per_token, D):
+    B, L = 2, 37 if D <= 96 else 11
+    x, scale, shift = make_inputs(B, L, D, dtype, "cpu", per_token)
+    grad_out = torch.randn(B, L, D, dtype=dtype)
+    ref_out, ref_grads = reference_grads(x, scale, shift, True, grad_out)
+    out, grads = host_modulate(x, scale, shift, True, grad_out, chunks=2)  # outputs poisoned (NaN)
+    assert_close(out, ref_out, dtype, f"forward D={D}")
+    for name, g, ref in zip(("dx", "dscale", "dshift"), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g.float(), ref, rtol=GRAD_TOL[dtype],
                                    atol=GRAD_TOL[dtype] * max(1.0, ref.abs().max().item()), msg=lambda m: f"{name}: {m}")
 
@@ -235,7 +290,8 @@ def test_nvcc_builds_adaln_without_spills():
     reports = cuda_host.assert_no_spills(cuda_host.csrc_path("adaln"))
     print("\n" + "\n".join(f"{r.arch} {r.registers:4d} regs  {r.name}" for r in reports))
     assert {r.arch for r in reports} == {"sm_80", "sm_90"}
-    assert len(reports) >= 2 * 15  # 4 kernels x 3 dtypes x 2 load widths, + 3 partial sums
+    # per arch: 4 kernels x 3 dtypes x (16-byte pieces at 16, 64, 256 threads per row + scalar), + 3 partial sums
+    assert len(reports) == 2 * (4 * 3 * 4 + 3)
 
 
 # ---- torch backend on CPU tensors: the hand-written kernel (csrc/cpu/adaln.cpp) ----
@@ -286,3 +342,132 @@ def test_cpu_kernels_off_or_failed_run_aten_and_say_why(cpu_kernel_failure, monk
         monkeypatch.setenv("NOVA_FAST_CPU_KERNELS", "0")
         assert_close(nova_fast.modulate(x, scale, shift), want, torch.float32, "kernels off")
         assert "NOVA_FAST_CPU_KERNELS=0" in nova_fast.backend_info()["last_used"]["modulate"]["path"]
+
+
+# ---- layouts: unit stride along D needed (row strides are free), refused by name on every backend ----
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_non_unit_d_stride_refused_naming_the_argument(backend):
+    x, scale, shift = make_inputs(2, 3, 40, torch.float32, "cpu", per_token=True)
+    wide = torch.randn(2, 3, 80)
+    with nova_fast.use_backend(backend):
+        with pytest.raises(ValueError, match="x must have unit stride along D"):
+            nova_fast.modulate(wide[..., ::2], scale, shift)
+        with pytest.raises(ValueError, match="shift must have unit stride along D"):
+            nova_fast.modulate(x, scale, wide[..., ::2])
+        with pytest.raises(ValueError, match="gate must have unit stride along D"):
+            nova_fast.residual_norm(x, x.clone(), torch.ones(40), torch.zeros(40), gate=wide[..., ::2])
+
+
+GRID_X_MAX, GRID_Y_MAX = 2**31 - 1, 65535
+
+
+@pytest.mark.host_cuda
+@pytest.mark.parametrize("B,L", [(1, 10**6), (10**6, 1), (100_000, 77), (4, 3_000_000)])
+@pytest.mark.parametrize("D", [64, 1024, 1280, 4096])
+def test_cuda_launch_grids_within_limits(B, L, D):
+    """The adaLN launchers' grids, computed without launching, at 10^6+ rows and large batches: rows
+    and samples on grid.x, only small counts (backward chunks, D-blocks) on grid.y."""
+    lib = cuda_host.host_library("adaln")
+    grid, tpr = (ctypes.c_longlong * 3)(), ctypes.c_int()
+    for vectorized in (1, 0):
+        assert lib.nova_adaln_launch_grid(0, B, L, D, 1, vectorized, grid, ctypes.byref(tpr)) == 0
+        rows_per_block = 256 // tpr.value
+        assert grid[0] * rows_per_block >= B * L and grid[0] <= GRID_X_MAX and grid[1] == grid[2] == 1
+        if vectorized and D <= 1024:
+            assert rows_per_block > 1  # small rows share a block
+        chunks = max(1, min(L, -(-4 * 132 // B)))  # the binding's choice on a 132-SM GPU
+        assert lib.nova_adaln_launch_grid(1, B, L, D, chunks, vectorized, grid, ctypes.byref(tpr)) == 0
+        assert grid[0] == B and grid[1] == chunks <= GRID_Y_MAX
+        assert lib.nova_adaln_launch_grid(2, B, L, D, chunks, vectorized, grid, ctypes.byref(tpr)) == 0
+        assert grid[0] == B and grid[1] <= 16
+    assert lib.nova_adaln_launch_grid(1, B, L, D, GRID_Y_MAX + 1, 1, grid, ctypes.byref(tpr)) != 0  # refused
+
+
+# ---- row offsets past 2^31 elements ----
+LARGE_ROWS_SCRIPT = r"""
+import ctypes, sys
+import torch
+import torch.nn.functional as F
+backend, D = sys.argv[1], 64
+S = (1 << 30) + 64  # token stride: row l = 2 starts past element 2^31 (an i32 l * stride wraps)
+try:  # address space only: untouched pages are never backed
+    storage = torch.empty(2 * S + 4 * D, dtype=torch.float16)
+except RuntimeError as e:
+    print("NO-ADDRESS-SPACE", e)
+    sys.exit(3)
+view = lambda k: storage.as_strided((1, 3, D), (3 * S, S, 1), k * D)  # noqa: E731
+x, y, gate = view(0), view(1), view(2)
+g = torch.Generator().manual_seed(0)
+for t in (x, y, gate):
+    t.copy_(torch.randn(1, 3, D, generator=g))
+scale, shift = (0.5 * torch.randn(2, 1, 1, D, generator=g)).half().unbind(0)
+w, bias = (1 + 0.5 * torch.randn(D, generator=g)).half(), (0.5 * torch.randn(D, generator=g)).half()
+dout = torch.randn(1, 3, D, generator=g).half()
+xc, yc, gc = x.float().contiguous(), y.float().contiguous(), gate.float().contiguous()
+mod_ref = F.layer_norm(xc, (D,), eps=1e-6) * (1 + scale.float()) + shift.float()
+res_ref = xc + gc * F.layer_norm(yc, (D,), w.float(), bias.float(), 1e-5)
+leaf = xc.clone().requires_grad_()
+mod_leaf = F.layer_norm(leaf, (D,), eps=1e-6) * (1 + scale.float()) + shift.float()
+dx_ref, = torch.autograd.grad(mod_leaf, leaf, dout.float())
+leaf = yc.clone().requires_grad_()
+dy_ref, = torch.autograd.grad(xc + gc * F.layer_norm(leaf, (D,), w.float(), bias.float(), 1e-5), leaf, dout.float())
+if backend == "triton":
+    from nova_fast.kernels import adaln
+    mod, mean, rstd = adaln.modulate_fwd(x, scale, shift, True, 1e-6, True)
+    dx = adaln.modulate_bwd(dout, x, scale, mean, rstd, True)[0]
+    _, mean, rstd = adaln.residual_norm_fwd(x, y, w, bias, gate, 1e-5, True, out=x)  # in place, strided
+    dy = adaln.residual_norm_bwd(dout, y, w, bias, gate, mean, rstd)[0]
+else:
+    from nova_fast.testing import cuda_host
+    lib, code, ll = cuda_host.host_library("adaln"), cuda_host.DTYPE_CODES[torch.float16], ctypes.c_longlong
+    rs = lambda t: (ll(0), ll(t.stride(1))) if t.shape[1] > 1 else (ll(0), ll(0))  # noqa: E731
+    mod, mean, rstd = torch.empty(1, 3, D).half(), torch.empty(1, 3), torch.empty(1, 3)
+    cuda_host.call(lib, "nova_modulate_fwd", x, *rs(x), scale, *rs(scale), shift, *rs(shift), mod, mean, rstd,
+                   1, 3, D, 1, 1e-6, code, None)
+    dx, dscale, dshift = torch.empty(1, 3, D).half(), torch.empty(1, 1, D).half(), torch.empty(1, 1, D).half()
+    cuda_host.call(lib, "nova_modulate_bwd", dout, x, *rs(x), scale, *rs(scale), mean, rstd, dx, dscale, dshift,
+                   torch.empty(2 * 2 * D), 2, 1, 3, D, 1, 0, code, None)
+    cuda_host.call(lib, "nova_residual_norm_fwd", x, *rs(x), y, *rs(y), w, bias, gate, *rs(gate), x, *rs(x), mean,
+                   rstd, 1, 3, D, 1e-5, code, None)
+    dy, dw, db, dg = (torch.empty(1, 3, D).half(), torch.empty(D).half(), torch.empty(D).half(),
+                      torch.empty(1, 3, D).half())
+    cuda_host.call(lib, "nova_residual_norm_bwd", dout, y, *rs(y), w, bias, gate, *rs(gate), mean, rstd, dy, dw, db,
+                   dg, torch.empty(2 * 3 * D), 2, 1, 3, D, 1, code, None)
+for name, got, want in (("modulate", mod, mod_ref), ("modulate dx", dx, dx_ref), ("residual in place", x, res_ref),
+                        ("residual dy", dy, dy_ref)):
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
+print("LARGE-ROWS-OK")
+"""
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton),
+                                     pytest.param("cuda_host", marks=pytest.mark.host_cuda)])
+def test_row_offsets_beyond_2_31_elements(backend):
+    """Inputs, the in-place residual output and the backward read through a token stride of 2^30 + 64:
+    the third row starts past element 2^31, so every row offset must be 64-bit. In a subprocess (a
+    wrong offset segfaults) on 4 GiB of address space of which a few pages are touched."""
+    import os
+    import subprocess
+    import sys
+
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("interpreter check (CPU tensors)")
+    proc = subprocess.run([sys.executable, "-c", LARGE_ROWS_SCRIPT, backend], capture_output=True, text=True,
+                          env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600, cwd=cuda_host.REPO_ROOT)
+    if proc.returncode == 3 and "NO-ADDRESS-SPACE" in proc.stdout:
+        pytest.skip(f"this machine refuses 4 GiB of address space: {proc.stdout.strip()}")
+    assert proc.returncode == 0 and "LARGE-ROWS-OK" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("B,L", [(1, 10**6), (10**6, 1), (100_000, 77), (4, 3_000_000)])
+@pytest.mark.parametrize("D", [64, 1024, 1280, 4096])
+def test_triton_launch_grids_within_limits(B, L, D):
+    """The Triton launchers' grids at 10^6+ rows and large batches: rows or samples on axis 0 (limit
+    2^31 - 1), only the backward's chunk count on axis 1 (limit 65,535)."""
+    from nova_fast.kernels import adaln
+
+    (programs,) = adaln.forward_grid(B * L, D)
+    assert programs * adaln.rows_per_program(adaln.block_d(D)) >= B * L and programs <= GRID_X_MAX
+    rows_per_prog, chunks = adaln.backward_chunks(B, L, torch.device("cpu"))
+    assert B <= GRID_X_MAX and 1 <= chunks <= GRID_Y_MAX and rows_per_prog * chunks >= L

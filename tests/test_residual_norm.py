@@ -90,6 +90,20 @@ def test_triton_matches_eager(triton_device, dtype, gate, D):
     check_parity("triton", 2, 4, D, dtype, triton_device, gate)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", ["token", "sample"])
+@pytest.mark.parametrize("D", [64, 96, 1024, 1280, 2048])
+def test_triton_rows_per_program(triton_device, monkeypatch, dtype, gate, D):
+    """Several rows per program for D <= 1024, ragged rows, 96 ragged against the block; every buffer
+    kernels.adaln allocates is NaN-poisoned (see tests/test_modulate.py)."""
+    from nova_fast.kernels import adaln
+    from test_modulate import _PoisonedEmpty
+
+    monkeypatch.setattr(adaln, "torch", _PoisonedEmpty())
+    check_parity("triton", 2, 37 if D <= 96 else 11, D, dtype, triton_device, gate)
+
+
 # ---- CUDA C++ through the host SIMT harness ----
 def _rows(t):
     if t is None:
@@ -127,6 +141,22 @@ def test_cuda_host_matches_eager(dtype, gate, B, L, D):
     ref_out, ref_grads = reference(x, y, weight, bias, g, grad_out)
     out, grads = host_residual_norm(x, y, weight, bias, g, grad_out)
     assert_close(out, ref_out, dtype, "forward")
+    check_grads(grads, ref_grads, dtype)
+
+
+@pytest.mark.host_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", [None, "token", "sample"])
+@pytest.mark.parametrize("D", [64, 96, 1024, 1280, 2048])
+def test_cuda_host_rows_per_block(dtype, gate, D):
+    """Several rows per block (16, 64 or 256 threads per row): D across the widths, 96 ragged against
+    the 16-byte pieces, rows ragged against the rows per block and per backward chunk; outputs poisoned."""
+    B, L = 2, 37 if D <= 96 else 11
+    x, y, weight, bias, g = make_inputs(B, L, D, dtype, "cpu", gate)
+    grad_out = torch.randn(B, L, D, dtype=dtype)
+    ref_out, ref_grads = reference(x, y, weight, bias, g, grad_out)
+    out, grads = host_residual_norm(x, y, weight, bias, g, grad_out, chunks=2)
+    assert_close(out, ref_out, dtype, f"forward D={D}")
     check_grads(grads, ref_grads, dtype)
 
 
@@ -237,3 +267,27 @@ def test_cpu_kernel_row_strided_x_and_empty(cpu_kernels_built):
     empty = torch.randn(0, 7, 64)
     with torch.no_grad():
         assert nova_fast.residual_norm(empty, empty.clone(), torch.ones(64), torch.zeros(64)).shape == (0, 7, 64)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_inference_call_resolves_the_backend_once(monkeypatch, inplace, cpu_kernel):
+    """One backend resolution per inference call, in place or not, with or without the CPU kernel."""
+    from nova_fast import backends, cpu_kernels
+
+    calls = []
+    real = backends.resolve
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "resolve", counting)
+    if not cpu_kernel:
+        monkeypatch.setattr(cpu_kernels, "available_for", lambda *t: False)
+    x, y, weight, bias, g = make_inputs(1, 3, 40, torch.float32, "cpu", "sample")
+    want = eager_residual_norm(x, y, weight, bias, g)
+    with nova_fast.use_backend("torch"), torch.no_grad():
+        out = nova_fast.residual_norm(x, y, weight, bias, gate=g, inplace=inplace)
+    assert_close(out, want, torch.float32, "result")
+    assert calls == ["residual_norm"]

@@ -16,8 +16,10 @@ Backends (``nova_fast.backends``):
   ATen's layer_norm kernel and one addcmul (``NATIVE_MAX_ELEMENTS``: the compiled call's fixed cost
   dominates there). On other devices the math runs eagerly. ``backend_info()`` names the path.
   Backward: eager torch formulas (``_backward_torch``).
-- ``triton``: ``nova_fast.kernels.adaln`` (one program per row forward; chunked rows backward).
-- ``cuda``: ``nova_fast._C`` (csrc/adaln.cu: one block per row, 16-byte loads when aligned).
+- ``triton``: ``nova_fast.kernels.adaln`` (forward: several rows per program for D <= 1024, one above;
+  backward: chunked rows, several at a time).
+- ``cuda``: ``nova_fast._C`` (csrc/adaln.cu: 16, 64 or 256 threads per row, so a block holds 16, 4 or
+  1 rows; 16-byte loads when aligned).
 
 Autograd: the forward and backward are ``torch.library`` custom ops (``nova_fast::modulate``,
 ``nova_fast::modulate_backward``) with fake kernels, so the op works under ``torch.compile``.

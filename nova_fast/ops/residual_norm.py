@@ -237,17 +237,19 @@ def residual_norm(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, *, gate: O
         if any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape)):
             raise ValueError(f"residual_norm(inplace=True): x is a broadcast view (strides {x.stride()}); "
                              "it cannot be written in place")
-    if not (grad or compiling) and backends.resolve(OP, x.device) == "torch" and cpu_kernels.available_for(x, y):
+    # resolved once per call (the custom ops resolve for themselves under autograd / compile)
+    backend = None if (grad or compiling) else backends.resolve(OP, x.device)
+    if backend == "torch" and cpu_kernels.available_for(x, y):
         return _forward_cpu_kernel(x, y, weight, bias, gate, eps, inplace)  # no reshapes around it
     x3, y3, gate3 = as_3d(x), as_3d(y), (None if gate is None else as_3d(gate))
     if inplace:
         if compiling:
             residual_norm_inplace_op(x3, y3, weight, bias, gate3, float(eps))
         else:
-            FORWARD[backends.resolve(OP, x.device)](x3, y3, weight, bias, gate3, float(eps), False, x3)
+            FORWARD[backend](x3, y3, weight, bias, gate3, float(eps), False, x3)
         return x
     if grad or compiling:
         out = residual_norm_op(x3, y3, weight, bias, gate3, float(eps))[0]
     else:  # inference: no autograd bookkeeping, no statistics kept
-        out = FORWARD[backends.resolve(OP, x.device)](x3, y3, weight, bias, gate3, float(eps), False)[0]
+        out = FORWARD[backend](x3, y3, weight, bias, gate3, float(eps), False)[0]
     return out if x.dim() == 3 else out.squeeze(0)
