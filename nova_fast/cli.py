@@ -49,6 +49,8 @@ def cmd_bench(args) -> int:
     if args.no_compile:
         os.environ["NOVA_BENCH_COMPILE"] = "0"   # read by the generation suite's setup
     quick = True if args.quick else (False if args.full else None)
+    if args.gen_sizes:
+        shorten_generation(args.gen_sizes, _csv(args.configs))
     results = runner.run(ops=_csv(args.ops), quick=quick, configs=_csv(args.configs), budget_s=args.budget,
                          min_runs=args.min_runs, count_ops=not args.no_ops_count)
     print(report.console(results))
@@ -56,6 +58,28 @@ def cmd_bench(args) -> int:
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     failed = [c["id"] for c in results["cases"] if c.get("error")]
     return 1 if failed and args.strict else 0
+
+
+def shorten_generation(text: str, configs: list[str] | None) -> list[str]:
+    """Run the generation suite's cases (those of ``configs``, default all) at FRAMESxARxSTEPS instead of
+    their own sizes; each case's name and sizes say so (``shortened_from``). Returns the case ids."""
+    from nova_fast.bench import test_generation_bench as generation
+    from nova_fast.testing.gpu_check import parse_gen_sizes
+
+    new = parse_gen_sizes(text)
+    sizes = {"latent_frames": new["frames"], "ar_steps": new["ar"], "diffusion_steps": new["dn"]}
+    changed = []
+    for case in generation.CASES:
+        config = case.sizes.get("config")
+        if configs and config not in configs:
+            continue
+        own = generation.GEN_SIZES[config]
+        original = f"{own['latent_frames']}x{own['ar_steps']}x{own['diffusion_steps']}"
+        own.update(sizes)          # the very dict the case's setup reads when it runs
+        case.sizes.update(sizes, shortened_from=original)
+        case.name = f"{config} {new['frames']}f x{new['ar']}ar x{new['dn']}dn (shortened)"
+        changed.append(case.id)
+    return changed
 
 
 def _generation_sizes(args) -> dict:
@@ -175,6 +199,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true",
                    help="report reference+compile as skipped instead of compiling (saves minutes on a CPU)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a case failed to set up or lacks its baseline")
+    p.add_argument("--gen-sizes", default=None, metavar="FxAxK",
+                   help="run the generation cases at F latent frames x A AR steps x K denoising steps "
+                        "(e.g. 1x16x10: a shortened osp480 run; the report names it shortened)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("profile", help="one representative generation with NVTX ranges (GPU) or a torch.profiler "

@@ -137,6 +137,7 @@ def test_host_half_conversions_round_to_nearest_even():
     torch.testing.assert_close(back[1::2], x.bfloat16().float(), rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
 def test_extension_loads_on_gpu_machines():
     from nova_fast import backends
