@@ -4,7 +4,9 @@
 (``csrc/host/simt.h``) into a shared library and loads it with ctypes: the ``extern "C"`` launchers
 are then callable with CPU tensor pointers, so parity tests execute the very kernel source that
 nvcc builds for the GPU. ``nvcc_report(path, arch)`` compiles a source with ``-Xptxas -v`` and
-returns registers, spills and shared memory per kernel.
+returns registers, spills and shared memory per kernel. ``check_bindings(headers)`` compiles the
+torch glue (``csrc/*.cpp``) against another torch's C++ headers, syntax only: the lent GPU machine's
+torch 2.11, fetched by .ci/env.sh (``compat_torch_headers()``).
 """
 from __future__ import annotations
 
@@ -152,3 +154,58 @@ def assert_no_spills(source: str | Path, archs=("sm_80", "sm_90")) -> list[Kerne
                                      f"{k.spill_loads} B loads ({k.registers} registers)")
             reports.append(k)
     return reports
+
+
+# ---- the torch glue against the GPU machine's torch headers ---------------------------------------
+COMPAT_TORCH = "2.11.0"
+
+
+def compat_torch_headers(version: str = COMPAT_TORCH) -> Path | None:
+    """The folder .ci/env.sh unpacks torch ``version``'s headers into (``torch/``: torch's include
+    folder; ``cuda/``: the cuBLAS, cuSPARSE and cuSOLVER headers its ATen/cuda headers include), or None."""
+    path = Path(os.environ.get("NOVA_FAST_COMPAT_TORCH_HEADERS", REPO_ROOT / ".venv" / f"torch-{version}-headers"))
+    return path if (path / ".complete").exists() and (path / "torch" / "torch" / "extension.h").exists() else None
+
+
+def cuda_toolkit_include() -> Path:
+    """The CUDA toolkit's include folder (cuda_runtime_api.h), from CUDA_HOME / CUDA_PATH or where nvcc is."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for c in filter(None, candidates):
+        if (Path(c) / "include" / "cuda_runtime_api.h").exists():
+            return Path(c) / "include"
+    raise RuntimeError(f"no CUDA toolkit include folder with cuda_runtime_api.h among {candidates}")
+
+
+def binding_sources() -> list[Path]:
+    return sorted(CSRC.glob("*.cpp"))
+
+
+def check_bindings(headers: Path, sources=None, cxx: str | None = None) -> str:
+    """Compile ``sources`` (default every csrc/*.cpp) as ONE translation unit, syntax only, against the
+    torch headers in ``headers`` (see compat_torch_headers) and the local CUDA toolkit; the torch
+    headers are parsed once for all of them. Returns the command line; raises with the compiler's
+    errors. A pass is cached by content (sources, their csrc headers, the header set)."""
+    sources = list(sources or binding_sources())
+    cxx = cxx or os.environ.get("CXX", "g++")
+    python_include = __import__("sysconfig").get_paths()["include"]
+    includes = [headers / "torch", headers / "torch" / "torch" / "csrc" / "api" / "include", headers / "cuda",
+                cuda_toolkit_include(), Path(python_include), CSRC]
+    flags = ["-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+             *(f"-I{i}" for i in includes)]
+    key = _digest([*sources, *CSRC.glob("*.h"), *CSRC.glob("*.cuh"), headers / ".complete"])
+    stamp = CACHE / f"bindings-syntax-{key}-{hashlib.sha256(' '.join(flags).encode()).hexdigest()[:8]}.ok"
+    with tempfile.TemporaryDirectory() as tmp:
+        unit = Path(tmp) / "all_bindings.cpp"
+        unit.write_text("".join(f'#include "{s}"\n' for s in sources))
+        cmd = [cxx, *flags, str(unit)]
+        if stamp.exists():
+            return " ".join(cmd)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the torch glue does not compile against {headers}:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(" ".join(cmd) + "\n")
+    return " ".join(cmd)
