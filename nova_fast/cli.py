@@ -170,11 +170,23 @@ def cmd_roofline(args) -> int:
     ceilings = roofline.Ceilings(peak_flops=args.tflops * 1e12, hbm_bytes_per_s=args.hbm_tbs * 1e12,
                                  launch_s=args.launch_us * 1e-6)
     projection = roofline.project(shape, workload, ceilings)
+    accelerated = None if args.eager_only else _roofline_accelerated(args, shape, workload, ceilings)
     if args.json:
-        print(json.dumps({"config_source": source, **projection.to_dict()}, indent=1))
+        print(json.dumps({"config_source": source, **projection.to_dict(),
+                          **({"accelerated": accelerated} if accelerated else {})}, indent=1))
     else:
         print(roofline.format_projection(projection, source))
+        if accelerated:
+            print(roofline.format_comparison(accelerated))
     return 0
+
+
+def _roofline_accelerated(args, shape, workload, ceilings) -> dict:
+    """Eager against the accelerated path per stage, and the moonshot line (all projected)."""
+    from nova_fast import roofline
+
+    graphs = roofline.GraphModel(node_s=args.graph_node_us * 1e-6, replay_s=args.graph_replay_us * 1e-6)
+    return roofline.compare_paths(shape, workload, ceilings, graphs)
 
 
 def main(argv=None) -> int:
@@ -229,6 +241,11 @@ def main(argv=None) -> int:
     p.add_argument("--hbm-tbs", type=float, default=3.0, help="HBM TB/s (default 3.0)")
     p.add_argument("--launch-us", type=float, default=4.0, help="cost of one kernel launch in us (default 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--eager-only", action="store_true", help="leave out the accelerated path and the moonshot line")
+    p.add_argument("--graph-node-us", type=float, default=1.0,
+                   help="assumed cost of one kernel inside a replayed CUDA graph, us (default 1)")
+    p.add_argument("--graph-replay-us", type=float, default=10.0,
+                   help="assumed cost of one CUDA-graph replay, us (default 10)")
     p.set_defaults(func=cmd_roofline)
 
     args = parser.parse_args(argv)
