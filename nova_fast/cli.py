@@ -189,6 +189,22 @@ def _roofline_accelerated(args, shape, workload, ceilings) -> dict:
     return roofline.compare_paths(shape, workload, ceilings, graphs)
 
 
+def cmd_aot_report(args) -> int:
+    """Per kernel: resources, CTAs per SM, tensor-core instructions for sm_80 / sm_90, a projected
+    fraction of peak, and the measured CPU parity; written beside the bench results."""
+    from nova_fast.testing import aot_report
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    report = aot_report.build_report(
+        modules=_csv(args.modules) or aot_report.TRITON_MODULES, sources=_csv(args.cuda) or aot_report.CUDA_SOURCES,
+        archs=tuple(int(a) for a in _csv(args.archs)), compat=not args.no_compat, one_dtype=args.one_dtype,
+        parity=not args.no_parity, log=log)
+    paths = aot_report.write_report(report, args.out, stem=args.name)
+    print(aot_report.markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nova-fast", description="NOVA kernels: benchmarks, profiling, diagnostics")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +263,18 @@ def main(argv=None) -> int:
     p.add_argument("--graph-replay-us", type=float, default=10.0,
                    help="assumed cost of one CUDA-graph replay, us (default 10)")
     p.set_defaults(func=cmd_roofline)
+
+    p = sub.add_parser("aot-report", help="per kernel, without a GPU: registers, spills, shared memory, CTAs per "
+                                          "SM, HMMA/HGMMA for sm_80/sm_90, projected %% of peak, CPU parity")
+    p.add_argument("--modules", help="Triton kernel modules, e.g. adaln,denoise_step (default: all)")
+    p.add_argument("--cuda", help="CUDA sources in csrc/, e.g. adaln (default: all)")
+    p.add_argument("--archs", default="80,90", help="compute capabilities (default 80,90)")
+    p.add_argument("--no-compat", action="store_true", help="skip the GPU machine's triton (3.6) even if installed")
+    p.add_argument("--one-dtype", action="store_true", help="one dtype per Triton kernel configuration (bf16)")
+    p.add_argument("--no-parity", action="store_true", help="do not run the CPU parity tests")
+    p.add_argument("--out", default=None, metavar="DIR", help="results folder (default bench/results)")
+    p.add_argument("--name", default=None, help="file stem (default aot-<date>-<time>)")
+    p.set_defaults(func=cmd_aot_report)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -213,3 +213,79 @@ def test_torch_glue_compiles_against_the_gpu_machines_torch_headers():
     cmd = cuda_host.check_bindings(headers)
     assert "-fsyntax-only" in cmd and str(headers) in cmd
     assert len(cuda_host.binding_sources()) >= 3
+
+
+# ---- the AOT report (nova-fast aot-report) ----
+def test_ctas_per_sm_against_hand_counts():
+    from nova_fast.testing.aot_report import ctas_per_sm
+
+    # 255 registers -> 8192 per warp (256-register granules) -> 8 warps per SM: one 256-thread CTA
+    assert ctas_per_sm(255, 0, 256, 80) == (1, "registers")
+    # 40 registers -> 1280 per warp -> 51 warps -> 6 CTAs of 8 warps
+    assert ctas_per_sm(40, 0, 256, 90) == (6, "registers")
+    # 100 KB of shared memory (+1 KB reserved per CTA): one CTA on sm_80 (164 KB), two on sm_90 (228 KB)
+    assert ctas_per_sm(32, 100 * 1024, 128, 80) == (1, "shared memory")
+    assert ctas_per_sm(32, 100 * 1024, 128, 90) == (2, "shared memory")
+    # 229 KB does not fit one sm_80 CTA (at most 163 KB), nor sm_90's 227 KB
+    assert ctas_per_sm(128, 229 * 1024, 256, 80) == (0, "shared memory")
+    assert ctas_per_sm(128, 229 * 1024, 256, 90) == (0, "shared memory")
+    # tiny kernels: 32 CTA slots per SM
+    assert ctas_per_sm(16, 0, 32, 90) == (32, "CTA slots")
+    assert ctas_per_sm(16, 0, 1024, 90) == (2, "threads")
+
+
+def test_projected_fraction_follows_the_stated_model():
+    from nova_fast.testing.aot_report import projected_fraction
+
+    assert projected_fraction(90, 1, 256, True, 0, 12, False) == (0.75, "bf16 tensor peak")
+    assert projected_fraction(90, 1, 256, True, 64, 0, False)[0] == 0.45
+    assert projected_fraction(80, 1, 128, True, 64, 0, False)[0] == pytest.approx(0.70 * 0.5)   # 4 warps of 8
+    assert projected_fraction(80, 2, 256, True, 64, 0, True)[0] == pytest.approx(0.70 * 0.8)     # spills
+    assert projected_fraction(90, 1, 256, True, 0, 0, False)[0] == 0.05        # tensor-core kernel without MMA
+    frac, of = projected_fraction(90, 1, 128, False, 0, 0, False)              # 4 KB in flight of ~15 KB
+    assert of == "HBM bandwidth" and frac == pytest.approx(128 * 32 / (3.35e12 * 600e-9 / 132))
+
+
+@pytest.mark.aot
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_aot_report_on_one_triton_module_and_one_cuda_file(tmp_path):
+    import json
+
+    from nova_fast.testing import aot_report
+
+    cu = tmp_path / "wmma_probe.cu"
+    cu.write_text(r'''
+    #include <mma.h>
+    using namespace nvcuda;
+    __global__ void __launch_bounds__(128) wmma_probe(const half* a, const half* b, float* c) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> fb;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+      wmma::fill_fragment(fc, 0.0f);
+      wmma::load_matrix_sync(fa, a, 16);
+      wmma::load_matrix_sync(fb, b, 16);
+      wmma::mma_sync(fc, fa, fb, fc);
+      wmma::store_matrix_sync(c + 256 * blockIdx.x, fc, 16, wmma::mem_row_major);
+    }''')
+    report = aot_report.build_report(modules=("toolchain_probe",), sources=(str(cu),), one_dtype=True,
+                                     compat=False, parity=True, log=lambda _: None)
+    paths = aot_report.write_report(report, tmp_path / "results", stem="aot-test")
+    data = json.loads(paths["json"].read_text())
+    assert {"schema", "created", "device", "environment", "options", "cases", "total_s"} <= set(data)
+    assert data["device"] == "aot" and data["model"]["label"].startswith("PROJECTED")
+    cases = {c["name"]: c for c in data["cases"]}
+    matmul = next(c for n, c in cases.items() if n.startswith("matmul_tile"))
+    assert matmul["metrics"]["sm_80"]["hmma"] > 0 and matmul["metrics"]["sm_90"]["hgmma"] > 0
+    assert matmul["metrics"]["sm_90"]["projected_of"] == "bf16 tensor peak"
+    for key, arch in (("sm_80", 80), ("sm_90", 90)):
+        m = matmul["metrics"][key]
+        assert m["threads"] == 256 and m["ctas_per_sm"] >= 1 and 0 < m["projected_fraction_of_peak"] <= 0.75
+        assert (m["ctas_per_sm"], m["cta_limit"]) == aot_report.ctas_per_sm(m["registers"], m["shared_bytes"], 256, arch)
+    wmma = next(c for c in data["cases"] if c["kind"] == "cuda")
+    assert "wmma_probe" in wmma["name"] and wmma["sizes"]["threads_from"] == "__launch_bounds__"
+    assert wmma["metrics"]["sm_80"]["hmma"] > 0 and wmma["metrics"]["sm_80"]["threads"] == 128
+    # parity of the Triton module measured here, on the CPU (interpreter)
+    parity = data["parity"]["nova_fast.kernels.toolchain_probe"]
+    assert parity["passed"] > 0 and parity["failed"] == 0 and "interpreter" in parity["runs_on"]
+    md = paths["md"].read_text()
+    assert "PROJECTED" in md and "| triton matmul_tile" in md and "passed" in md

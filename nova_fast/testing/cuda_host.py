@@ -128,8 +128,12 @@ def nvcc_report(source: str | Path, arch: str = "sm_90", extra=()) -> list[Kerne
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed for {source.name} ({arch}):\n{proc.stderr}")
+    return _parse_ptxas(proc.stderr, source)
+
+
+def _parse_ptxas(stderr: str, source: Path) -> list[KernelResources]:
     kernels, current = [], None
-    for line in proc.stderr.splitlines():
+    for line in stderr.splitlines():
         if m := _FUNC.search(line):
             current = {"name": m.group(1), "arch": m.group(2)}
         elif current and (m := _STACK.search(line)):
@@ -140,8 +144,41 @@ def nvcc_report(source: str | Path, arch: str = "sm_90", extra=()) -> list[Kerne
                                            int(m.group(2) or 0), current.get("stack", 0)))
             current = None
     if not kernels:
-        raise RuntimeError(f"nvcc reported no kernel for {source.name}:\n{proc.stderr}")
+        raise RuntimeError(f"nvcc reported no kernel for {source.name}:\n{stderr}")
     return kernels
+
+
+def nvcc_cubin(source: str | Path, arch: str = "sm_90") -> tuple[list[KernelResources], str, dict[str, int]]:
+    """Compile one .cu to a cubin for ``arch``: (resources per kernel as nvcc_report gives them, the SASS
+    as text (cuobjdump of the triton wheel), {kernel: threads per block} from ``__launch_bounds__``
+    (the PTX ``.maxntid``; kernels without one are absent))."""
+    from nova_fast.testing.triton_aot import _tool
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc is not on the PATH")
+    source = Path(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cmd = [nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-I", str(CSRC), "-cubin", "--keep",
+               "--keep-dir", tmp, str(source), "-o", str(cubin)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed for {source.name} ({arch}):\n{proc.stderr}")
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+        threads = {}
+        for ptx in Path(tmp).glob("*.ptx"):
+            for m in re.finditer(r"\.entry\s+(\w+)\s*\((?:[^)]*)\)\s*((?:\.\w+[^\n{]*\n\s*)*)", ptx.read_text()):
+                nt = re.search(r"\.maxntid\s+(\d+)\s*,\s*(\d+)\s*,\s*(\d+)", m.group(2))
+                if nt:
+                    threads[m.group(1)] = int(nt.group(1)) * int(nt.group(2)) * int(nt.group(3))
+    return _parse_ptxas(proc.stderr, source), sass, threads
+
+
+def sass_functions(sass: str) -> dict[str, str]:
+    """cuobjdump -sass text split per kernel: {mangled name: its SASS}."""
+    parts = re.split(r"\n\s*Function : (\S+)\n", "\n" + sass)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
 
 def assert_no_spills(source: str | Path, archs=("sm_80", "sm_90")) -> list[KernelResources]:
