@@ -414,6 +414,15 @@ def _profile_argv(py: str, out: Path, config: str, sizes: dict, warmup: bool = T
             "--out", str(out / "ncu" / "profile"), *([] if warmup else ["--no-warmup"])]
 
 
+def _pytest_argv(py: str, out: Path) -> Callable[[], list[str]]:
+    def argv() -> list[str]:
+        # pytest-xdist where that python has it: the Triton compiles of the tests spread over the CPUs
+        xdist = subprocess.run([py, "-c", "import xdist"], capture_output=True).returncode == 0
+        return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-n", "4"] if xdist else []),
+                "-m", PYTEST_MARKERS, "tests", "--junitxml", str(out / "tests" / "junit.xml")]
+    return argv
+
+
 def parse_gen_sizes(text: str) -> dict:
     """'1x16x10' -> {'frames': 1, 'ar': 16, 'dn': 10} (latent frames x AR steps x denoising steps)."""
     parts = text.lower().split("x")
@@ -425,7 +434,7 @@ def parse_gen_sizes(text: str) -> dict:
 def build_stages(out: Path, py: str, *, archs: str = "native", gen_sizes: str = GEN_SIZES_GPU,
                  budgets: dict | None = None) -> list[Stage]:
     """The device check's stages (commands for the GPU machine; dry-run commands for anywhere)."""
-    b = {"env": 20, "install": 45, "build": 130, "tests": 100, "bench-ops": 90, "bench-gen": 75, "ncu": 70,
+    b = {"env": 15, "install": 40, "build": 120, "tests": 100, "bench-ops": 80, "bench-gen": 70, "ncu": 90,
          **(budgets or {})}
     sizes = parse_gen_sizes(gen_sizes)
     dry_sizes = parse_gen_sizes(GEN_SIZES_DRY)
@@ -457,8 +466,7 @@ def build_stages(out: Path, py: str, *, archs: str = "native", gen_sizes: str = 
                                     env={"NOVA_FAST_CUDA_ARCHS": "90" if archs == "native" else archs})],
               checks=[_exists("csrc/bindings.cpp", "csrc/adaln.cu", "csrc/denoise_step.cu")]),
         Stage("tests", b["tests"], f"GPU tests: pytest -m '{PYTEST_MARKERS}'",
-              [Command([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", PYTEST_MARKERS, "tests",
-                        "--junitxml", str(out / "tests" / "junit.xml")])],
+              [Command(_pytest_argv(py, out))],
               dry_commands=[Command([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
                                      "-m", PYTEST_MARKERS, "tests"], stdout_to="tests/collected.txt")],
               checks=[lambda: _check_collected(out)]),
