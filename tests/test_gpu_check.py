@@ -44,7 +44,8 @@ def test_dry_run_walks_every_stage_and_writes_the_summary(dry_run):
     assert all("bench --ops" in c and "--full" in c for c in by_name["bench-ops"]["commands"])
     assert "--configs osp480 --gen-sizes 1x16x10" in by_name["bench-gen"]["commands"][0]
     ncu = next(c for c in by_name["ncu"]["commands"] if c.startswith("ncu --profile-from-start off"))
-    assert "--nvtx-include nova.spatial/" in ncu and "regex:^(" in ncu and "--config osp480" in ncu
+    assert "--nvtx-include nova.spatial/" in ncu and "regex:(^|::)(" in ncu and "gca_fwd_kernel" in ncu
+    assert "--config osp480" in ncu
     # the cheap versions ran: the GPU test selection was collected, the tiny generation wrote its results
     collected = (out / "tests" / "collected.txt").read_text()
     for node in gpu_check.GPU_TESTS:

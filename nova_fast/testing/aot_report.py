@@ -47,10 +47,12 @@ ARCH_LIMITS = {
 MODEL = {
     "label": "PROJECTED fraction of peak (a model, not a measurement)",
     "tensor_core_kernels": "fraction of the bf16 tensor peak = path ceiling x occupancy factor x spill factor; "
-                           "path ceiling: sm_90 with HGMMA (wgmma) 0.75 (what FlashAttention-3 reaches), sm_90 "
-                           "with HMMA (mma.sync) only 0.45, sm_80 with HMMA 0.70 (what FlashAttention-2 reaches on "
-                           "A100), no tensor-core instruction 0.05; occupancy factor min(1, resident warps per SM / 8) "
-                           "(two warpgroups keep the tensor cores fed)",
+                           "path ceiling on sm_90: HGMMA (wgmma) with TMA loads (UTMALDG) and warp specialization "
+                           "(USETMAXREG) 0.75 (what FlashAttention-3 reaches), HGMMA without them 0.50 (software-"
+                           "pipelined wgmma, Triton's own attention on H100), HMMA (mma.sync) only 0.35 "
+                           "(FlashAttention-2 on H100); on sm_80: HMMA 0.70 (FlashAttention-2 on A100); no "
+                           "tensor-core instruction 0.05; occupancy factor min(1, resident warps per SM / 8) (two "
+                           "warpgroups keep the tensor cores fed)",
     "memory_bound_kernels": "fraction of HBM bandwidth = min(1, resident CTAs x threads x 32 B in flight / "
                             "(bandwidth x 600 ns / SMs)) x spill factor (Little's law: two 16-byte loads "
                             "outstanding per thread; A100 2.0 TB/s, 108 SMs; H100 3.35 TB/s, 132 SMs)",
@@ -59,7 +61,7 @@ MODEL = {
 }
 LATENCY_S = 600e-9
 BYTES_IN_FLIGHT_PER_THREAD = 32
-TC_CEILING = {(90, "hgmma"): 0.75, (90, "hmma"): 0.45, (80, "hmma"): 0.70}
+TC_CEILING = {(90, "hgmma+tma+ws"): 0.75, (90, "hgmma"): 0.50, (90, "hmma"): 0.35, (80, "hmma"): 0.70}
 NO_TC_CEILING = 0.05
 SPILL_FACTOR = 0.8
 
@@ -96,12 +98,12 @@ def ctas_per_sm(registers: int, shared_bytes: int, threads: int, arch: int) -> t
 
 
 def projected_fraction(arch: int, ctas: int, threads: int, tensor_cores: bool, hmma: int, hgmma: int,
-                       spills: bool) -> tuple[float, str]:
+                       spills: bool, tma: int = 0, setmaxnreg: int = 0) -> tuple[float, str]:
     """(fraction, of what) from MODEL."""
     spill = SPILL_FACTOR if spills else 1.0
     warps = ctas * math.ceil(threads / 32)
     if tensor_cores:
-        path = "hgmma" if hgmma else ("hmma" if hmma else None)
+        path = ("hgmma+tma+ws" if tma and setmaxnreg else "hgmma") if hgmma else ("hmma" if hmma else None)
         ceiling = TC_CEILING.get((arch, path), NO_TC_CEILING) if path else NO_TC_CEILING
         return ceiling * min(1.0, warps / 8) * spill, "bf16 tensor peak"
     lim = ARCH_LIMITS[arch]
@@ -109,13 +111,15 @@ def projected_fraction(arch: int, ctas: int, threads: int, tensor_cores: bool, h
     return min(1.0, ctas * threads * BYTES_IN_FLIGHT_PER_THREAD / needed) * spill, "HBM bandwidth"
 
 
-def _figures(arch, registers, local, shared, threads, tensor_cores, hmma, hgmma, error=None) -> dict:
+def _figures(arch, registers, local, shared, threads, tensor_cores, hmma, hgmma, error=None, tma=0,
+             setmaxnreg=0) -> dict:
     if error:
         return {"error": error}
     ctas, limiter = ctas_per_sm(registers, shared, threads, arch)
-    frac, of = projected_fraction(arch, ctas, threads, tensor_cores, hmma, hgmma, local > 0)
+    frac, of = projected_fraction(arch, ctas, threads, tensor_cores, hmma, hgmma, local > 0, tma, setmaxnreg)
     return {"registers": registers, "spill_bytes": local, "shared_bytes": shared, "threads": threads,
-            "ctas_per_sm": ctas, "cta_limit": limiter, "hmma": hmma, "hgmma": hgmma,
+            "ctas_per_sm": ctas, "cta_limit": limiter, "hmma": hmma, "hgmma": hgmma, "tma": tma,
+            "setmaxnreg": setmaxnreg,
             "projected_fraction_of_peak": round(frac, 3), "projected_of": of}
 
 
@@ -145,7 +149,7 @@ def triton_cases(modules=TRITON_MODULES, archs=(80, 90), compat: bool = True, on
                 key = f"sm_{r.arch}" if which == "current" else f"sm_{r.arch} triton {r.triton_version}"
                 case["metrics"][key] = {"triton": r.triton_version, **_figures(
                     r.arch, r.registers, r.local_bytes, r.shared_bytes, spec.num_warps * 32, spec.tensor_cores,
-                    r.hmma, r.hgmma, r.error)}
+                    r.hmma, r.hgmma, r.error, r.tma, r.setmaxnreg)}
     return list(cases.values())
 
 
@@ -182,6 +186,7 @@ def cuda_cases(sources=CUDA_SOURCES, archs=(80, 90), log=print) -> list[dict]:
                 threads, where = _threads(k.name, maxntid)
                 fn_sass = per_fn.get(k.name, "")
                 hmma, hgmma = len(re.findall(r"\bHMMA\b", fn_sass)), len(re.findall(r"\bHGMMA\b", fn_sass))
+                tma, setmaxnreg = len(re.findall(r"\bUTMALDG\b", fn_sass)), len(re.findall(r"\bUSETMAXREG\b", fn_sass))
                 case = cases.setdefault(k.name, {
                     "id": f"aot/cuda/{source}:{pretty[k.name]}", "op": source, "name": pretty[k.name], "kind": "cuda",
                     "source": f"csrc/{source}.cu", "kernel": k.name, "sizes": {"threads_from": where},
@@ -192,7 +197,8 @@ def cuda_cases(sources=CUDA_SOURCES, archs=(80, 90), log=print) -> list[dict]:
                                                      "registers": k.registers, "shared_bytes": k.shared_bytes}
                     continue
                 case["metrics"][f"sm_{arch}"] = {"nvcc": "sass", **_figures(
-                    arch, k.registers, k.spill_stores + k.spill_loads, k.shared_bytes, threads, False, hmma, hgmma),
+                    arch, k.registers, k.spill_stores + k.spill_loads, k.shared_bytes, threads, False, hmma, hgmma,
+                    None, tma, setmaxnreg),
                     "stack_bytes": k.stack_bytes}
     return list(cases.values())
 
@@ -260,8 +266,8 @@ def markdown(report: dict) -> str:
              f"**{report['model']['label']}.** Tensor-core kernels: {report['model']['tensor_core_kernels']}. "
              f"Memory-bound kernels: {report['model']['memory_bound_kernels']}. Spills: "
              f"{report['model']['spill_factor']}. Not modelled: {report['model']['not_modelled']}.", "",
-             "| kernel | arch | regs | spill B | smem B | threads | CTAs/SM (limit) | HMMA | HGMMA | projected % of peak | parity (CPU, measured) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| kernel | arch | regs | spill B | smem B | threads | CTAs/SM (limit) | HMMA | HGMMA | TMA / SETMAXNREG | projected % of peak | parity (CPU, measured) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     parity = report.get("parity", {})
     for case in report["cases"]:
         file_key = f"nova_fast.kernels.{case['op']}" if case["kind"] == "triton" else case["source"]
@@ -270,11 +276,12 @@ def markdown(report: dict) -> str:
         for key, m in case["metrics"].items():
             name = case["name"] if len(case["name"]) < 80 else case["name"][:77] + "..."
             if "error" in m:
-                lines.append(f"| {case['kind']} {name} | {key} | ERROR: {m['error'][:120]} | | | | | | | | {par} |")
+                lines.append(f"| {case['kind']} {name} | {key} | ERROR: {m['error'][:120]} | | | | | | | | | {par} |")
                 continue
             lines.append(f"| {case['kind']} {name} | {key} | {m['registers']} | {m['spill_bytes']} | "
                          f"{m['shared_bytes']} | {m['threads']} | {m['ctas_per_sm']} ({m['cta_limit']}) | {m['hmma']} | "
-                         f"{m['hgmma']} | {100 * m['projected_fraction_of_peak']:.0f}% of {m['projected_of']} | {par} |")
+                         f"{m['hgmma']} | {m['tma']} / {m['setmaxnreg']} | "
+                         f"{100 * m['projected_fraction_of_peak']:.0f}% of {m['projected_of']} | {par} |")
     if parity:
         lines += ["", "## Parity on this machine (measured, CPU)", "",
                   "| kernel file | tests | runs on | passed | failed | skipped | seconds |", "|---|---|---|---|---|---|---|"]

@@ -396,8 +396,11 @@ def _ncu_argv(py: str, out: Path, sizes: dict) -> Callable[[], list[str]]:
     def argv() -> list[str]:
         regex_file = out / "ncu" / "kernel-regex.txt"
         regex = regex_file.read_text().strip() if regex_file.exists() else ""
-        if not regex:
-            raise RuntimeError(f"{regex_file} is empty: `nova-fast profile --ncu-regex` did not run")
+        if not regex.startswith("^(") or not regex.endswith(")"):
+            raise RuntimeError(f"{regex_file} does not hold `nova-fast profile --ncu-regex`'s ^(a|b|...): {regex!r}")
+        # the CUDA kernels are templates in an anonymous namespace: match the bare name after any
+        # namespace and before any template or parameter list, never a substring of another name
+        regex = f"(^|::)({regex[2:-1]})(<|\\(|$)"
         return ["ncu", "--profile-from-start", "off", "--clock-control", "none", "--nvtx",
                 "--nvtx-include", "nova.spatial/", "--kernel-name-base", "function", "--kernel-name",
                 f"regex:{regex}", "--launch-count", "30",

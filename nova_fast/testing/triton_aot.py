@@ -63,6 +63,8 @@ class AotResult:
     tensor_cores: bool
     error: str | None = None
     triton_version: str | None = None
+    tma: int = 0          # TMA loads (UTMALDG, sm_90)
+    setmaxnreg: int = 0   # register reallocation between warpgroups (USETMAXREG: warp specialization)
 
 
 def _tool(name: str) -> str:
@@ -125,7 +127,9 @@ def compile_module(module_name: str, targets=TARGETS, one_dtype: bool = False) -
                 compiled, regs, local, sass = compile_spec(getattr(module, spec.kernel), spec, arch)
                 results.append(AotResult(module_name, spec.name(), arch, regs, local, compiled.metadata.shared,
                                          len(re.findall(r"\bHMMA\b", sass)), len(re.findall(r"\bHGMMA\b", sass)),
-                                         spec.tensor_cores, triton_version=triton.__version__))
+                                         spec.tensor_cores, triton_version=triton.__version__,
+                                         tma=len(re.findall(r"\bUTMALDG\b", sass)),
+                                         setmaxnreg=len(re.findall(r"\bUSETMAXREG\b", sass))))
             except Exception as exc:  # reported per spec so one failure does not hide the others
                 results.append(AotResult(module_name, spec.name(), arch, 0, 0, 0, 0, 0, spec.tensor_cores,
                                          error=f"{exc.__class__.__name__}: {str(exc)[:2000]}",
