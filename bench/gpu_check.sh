@@ -11,9 +11,10 @@
 # The stages and their commands live in nova_fast/testing/gpu_check.py (run as a plain script,
 # since nova_fast is not installed yet when this starts).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+# no cd: OUT_DIR is taken relative to the caller's directory; the stages run in the repository root
+CHECK="$(cd "$(dirname "$0")/.." && pwd)/nova_fast/testing/gpu_check.py"
 PY=${PYTHON:-python3}
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  exec "$PY" nova_fast/testing/gpu_check.py --help
+  exec "$PY" "$CHECK" --help
 fi
-exec "$PY" nova_fast/testing/gpu_check.py --python "$PY" "$@"
+exec "$PY" "$CHECK" --python "$PY" "$@"
