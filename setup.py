@@ -1,8 +1,12 @@
 """Build nova_fast: pure Python everywhere, plus the CUDA extension `nova_fast._C` where it can be built.
 
 The extension is built with ninja (torch.utils.cpp_extension) only when a CUDA build of torch and a
-CUDA toolkit are both present, or when NOVA_FAST_BUILD_CUDA=1 forces it. Otherwise the pure-Python
-parts install and one line says why the extension was skipped.
+CUDA toolkit are both present, or when NOVA_FAST_BUILD_CUDA=1 forces it (NOVA_FAST_BUILD_CUDA=0
+never builds it). Otherwise the pure-Python parts install and one line says why the extension was
+skipped.
+
+Target GPUs: NOVA_FAST_CUDA_ARCHS, a comma-separated list of compute capabilities ("80,90", "90a")
+or "native" (the GPUs visible at build time, as torch reports them); default sm_80 and sm_90.
 """
 import glob
 import os
@@ -15,8 +19,33 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CUDA_ARCHS = ("80", "90")
 
 
+def cuda_archs(spec: str | None = None) -> tuple[str, ...]:
+    """The compute capabilities to build for, from NOVA_FAST_CUDA_ARCHS (see the module docstring)."""
+    spec = (os.environ.get("NOVA_FAST_CUDA_ARCHS", "") if spec is None else spec).strip()
+    if not spec:
+        return CUDA_ARCHS
+    if spec == "native":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("NOVA_FAST_CUDA_ARCHS=native: no GPU is visible to torch at build time")
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return tuple(sorted(f"{major}{minor}" for major, minor in caps))
+    archs = tuple(a.strip().replace(".", "").removeprefix("sm_") for a in spec.split(",") if a.strip())
+    bad = [a for a in archs if not (a[:-1] if a.endswith("a") else a).isdigit() or len(a.rstrip("a")) < 2]
+    if bad or not archs:
+        raise SystemExit(f"NOVA_FAST_CUDA_ARCHS={spec!r}: expected compute capabilities like '80,90', '90a' "
+                         f"or 'native' (bad: {', '.join(bad) or 'empty'})")
+    return archs
+
+
 def _cuda_extension():
     forced = os.environ.get("NOVA_FAST_BUILD_CUDA") == "1"
+    if os.environ.get("NOVA_FAST_CUDA_ARCHS", "native") != "native":
+        cuda_archs()   # a bad target list fails every build, not only the ones that compile CUDA
+    if os.environ.get("NOVA_FAST_BUILD_CUDA") == "0":
+        print("nova_fast: building without nova_fast._C (NOVA_FAST_BUILD_CUDA=0)", file=sys.stderr)
+        return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -29,10 +58,16 @@ def _cuda_extension():
         why = "torch is a CPU build" if not have_cuda_torch else "no CUDA toolkit (nvcc) found"
         print(f"nova_fast: building without nova_fast._C ({why}; set NOVA_FAST_BUILD_CUDA=1 to force)",
               file=sys.stderr)
+        if os.environ.get("NOVA_FAST_CUDA_ARCHS", "native") != "native":
+            print(f"nova_fast: NOVA_FAST_CUDA_ARCHS accepted: sm_{', sm_'.join(cuda_archs())}", file=sys.stderr)
         return [], {}
     # Kernel sources live in csrc/*.cu (pure CUDA, no torch headers); the torch glue is csrc/*.cpp.
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+    archs = cuda_archs()
+    # one SASS per target plus the newest target's PTX, so a newer GPU can still JIT the kernels
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    print(f"nova_fast: building nova_fast._C for sm_{', sm_'.join(archs)}", file=sys.stderr)
     ext = CUDAExtension(
         name="nova_fast._C",
         sources=sources,

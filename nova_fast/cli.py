@@ -49,6 +49,8 @@ def cmd_bench(args) -> int:
     if args.no_compile:
         os.environ["NOVA_BENCH_COMPILE"] = "0"   # read by the generation suite's setup
     quick = True if args.quick else (False if args.full else None)
+    if args.gen_sizes:
+        shorten_generation(args.gen_sizes, _csv(args.configs))
     results = runner.run(ops=_csv(args.ops), quick=quick, configs=_csv(args.configs), budget_s=args.budget,
                          min_runs=args.min_runs, count_ops=not args.no_ops_count)
     print(report.console(results))
@@ -56,6 +58,28 @@ def cmd_bench(args) -> int:
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     failed = [c["id"] for c in results["cases"] if c.get("error")]
     return 1 if failed and args.strict else 0
+
+
+def shorten_generation(text: str, configs: list[str] | None) -> list[str]:
+    """Run the generation suite's cases (those of ``configs``, default all) at FRAMESxARxSTEPS instead of
+    their own sizes; each case's name and sizes say so (``shortened_from``). Returns the case ids."""
+    from nova_fast.bench import test_generation_bench as generation
+    from nova_fast.testing.gpu_check import parse_gen_sizes
+
+    new = parse_gen_sizes(text)
+    sizes = {"latent_frames": new["frames"], "ar_steps": new["ar"], "diffusion_steps": new["dn"]}
+    changed = []
+    for case in generation.CASES:
+        config = case.sizes.get("config")
+        if configs and config not in configs:
+            continue
+        own = generation.GEN_SIZES[config]
+        original = f"{own['latent_frames']}x{own['ar_steps']}x{own['diffusion_steps']}"
+        own.update(sizes)          # the very dict the case's setup reads when it runs
+        case.sizes.update(sizes, shortened_from=original)
+        case.name = f"{config} {new['frames']}f x{new['ar']}ar x{new['dn']}dn (shortened)"
+        changed.append(case.id)
+    return changed
 
 
 def _generation_sizes(args) -> dict:
@@ -151,10 +175,38 @@ def cmd_roofline(args) -> int:
         print(json.dumps({"config_source": source, **scale}, indent=1) if args.json
               else roofline.format_scale_out(scale, source))
         return 0
+    accelerated = None if args.eager_only else _roofline_accelerated(args, shape, workload, ceilings)
     if args.json:
-        print(json.dumps({"config_source": source, **projection.to_dict()}, indent=1))
+        print(json.dumps({"config_source": source, **projection.to_dict(),
+                          **({"accelerated": accelerated} if accelerated else {})}, indent=1))
     else:
         print(roofline.format_projection(projection, source))
+        if accelerated:
+            print(roofline.format_comparison(accelerated))
+    return 0
+
+
+def _roofline_accelerated(args, shape, workload, ceilings) -> dict:
+    """Eager against the accelerated path per stage, and the moonshot line (all projected)."""
+    from nova_fast import roofline
+
+    graphs = roofline.GraphModel(node_s=args.graph_node_us * 1e-6, replay_s=args.graph_replay_us * 1e-6)
+    return roofline.compare_paths(shape, workload, ceilings, graphs)
+
+
+def cmd_aot_report(args) -> int:
+    """Per kernel: resources, CTAs per SM, tensor-core instructions for sm_80 / sm_90, a projected
+    fraction of peak, and the measured CPU parity; written beside the bench results."""
+    from nova_fast.testing import aot_report
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    report = aot_report.build_report(
+        modules=_csv(args.modules) or aot_report.TRITON_MODULES, sources=_csv(args.cuda) or aot_report.CUDA_SOURCES,
+        archs=tuple(int(a) for a in _csv(args.archs)), compat=not args.no_compat, one_dtype=args.one_dtype,
+        parity=not args.no_parity, log=log)
+    paths = aot_report.write_report(report, args.out, stem=args.name)
+    print(aot_report.markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -210,6 +262,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true",
                    help="report reference+compile as skipped instead of compiling (saves minutes on a CPU)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a case failed to set up or lacks its baseline")
+    p.add_argument("--gen-sizes", default=None, metavar="FxAxK",
+                   help="run the generation cases at F latent frames x A AR steps x K denoising steps "
+                        "(e.g. 1x16x10: a shortened osp480 run; the report names it shortened)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("profile", help="one representative generation with NVTX ranges (GPU) or a torch.profiler "
@@ -240,12 +295,29 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="instead: PROJECTED latency per video on N GPUs for every cfg x dp x ulysses split "
                         "(nova_fast.distributed), with each method's communication over NVLink and PCIe")
+    p.add_argument("--eager-only", action="store_true", help="leave out the accelerated path and the moonshot line")
+    p.add_argument("--graph-node-us", type=float, default=1.0,
+                   help="assumed cost of one kernel inside a replayed CUDA graph, us (default 1)")
+    p.add_argument("--graph-replay-us", type=float, default=10.0,
+                   help="assumed cost of one CUDA-graph replay, us (default 10)")
     p.set_defaults(func=cmd_roofline)
 
     p = sub.add_parser("generate", help="one generation, optionally split over torchrun ranks: CFG-parallel, "
                                         "data-parallel, Ulysses (torchrun --nproc-per-node N -m nova_fast.cli generate ...)")
     add_generate_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("aot-report", help="per kernel, without a GPU: registers, spills, shared memory, CTAs per "
+                                          "SM, HMMA/HGMMA for sm_80/sm_90, projected %% of peak, CPU parity")
+    p.add_argument("--modules", help="Triton kernel modules, e.g. adaln,denoise_step (default: all)")
+    p.add_argument("--cuda", help="CUDA sources in csrc/, e.g. adaln (default: all)")
+    p.add_argument("--archs", default="80,90", help="compute capabilities (default 80,90)")
+    p.add_argument("--no-compat", action="store_true", help="skip the GPU machine's triton (3.6) even if installed")
+    p.add_argument("--one-dtype", action="store_true", help="one dtype per Triton kernel configuration (bf16)")
+    p.add_argument("--no-parity", action="store_true", help="do not run the CPU parity tests")
+    p.add_argument("--out", default=None, metavar="DIR", help="results folder (default bench/results)")
+    p.add_argument("--name", default=None, help="file stem (default aot-<date>-<time>)")
+    p.set_defaults(func=cmd_aot_report)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -191,8 +191,17 @@ class Projection:
         }
 
 
-def project(shape: ModelShape, workload: Workload = Workload(), ceilings: Ceilings = Ceilings()) -> Projection:
-    """Count every op of one generated video (see the module docstring for what is counted)."""
+def project(shape: ModelShape, workload: Workload = Workload(), ceilings: Ceilings = Ceilings(), *,
+            path: str = "eager", graphs: "GraphModel | None" = None) -> Projection:
+    """Count every op of one generated video (see the module docstring for what is counted).
+
+    ``path="accelerated"`` counts what ``nova_fast.accelerate`` runs instead (ACCELERATED_PATH):
+    the same traversal with the fused ops' launches and bytes; ``graphs`` then prices the launches
+    inside the captured denoising loop at the graph's per-kernel cost (None: no CUDA graphs)."""
+    if path not in ("eager", "accelerated"):
+        raise ValueError(f"path must be 'eager' or 'accelerated', not {path!r}")
+    fast = path == "accelerated"
+    block = accelerated_block_costs if fast else block_costs
     p = Projection(shape, workload, ceilings)
     e = workload.dtype_bytes
     b = workload.batch * workload.guidance_batch
@@ -225,7 +234,7 @@ def project(shape: ModelShape, workload: Workload = Workload(), ceilings: Ceilin
         embed.calls = 1
         p._add("temporal", {"embed": embed})
         for _ in range(shape.temporal_depth):
-            p._add("temporal", block_costs(b, queries, keys, d, e, c, kv_cache=True))
+            p._add("temporal", block(b, queries, keys, d, e, c, kv_cache=True))
         p._add("temporal", {"final_norm": elementwise_cost(b * tt * d, 2, 1, e, 8.0, c)})
         if t > 0 and shape.mixer_rank is not None:
             rank = d if shape.mixer_rank < 0 else shape.mixer_rank
@@ -234,7 +243,7 @@ def project(shape: ModelShape, workload: Workload = Workload(), ceilings: Ceilin
             if shape.mixer_rank >= 0:
                 mixer.add(linear_cost(b * tt, d, rank, e, c))                   # LoRA down
             mixer.add(linear_cost(b * tt, rank, 2 * d, e, c))                   # scale, shift
-            mixer.add(elementwise_cost(b * tt * d, 4, 2, e, 2.0, c))          # x0 * (1 + scale) + shift
+            mixer.add(elementwise_cost(b * tt * d, 4, 1 if fast else 2, e, 2.0, c))  # x0 * (1 + scale) + shift
             mixer.calls = 1
             p._add("temporal", {"mixer": mixer})
 
@@ -252,11 +261,20 @@ def project(shape: ModelShape, workload: Workload = Workload(), ceilings: Ceilin
         # first half: gather [prefix, known] in, scatter its output back over the canvas
         p._add("spatial", {"gather/scatter": elementwise_cost(b * (tt + known + ts) * d, 2, 4, e, 0.0, c)}, frames)
         for _ in range(half):
-            p._add("spatial", block_costs(b, tt + known, tt + known, d, e, c), frames, prefix="half1.")
-        for _ in range(shape.spatial_depth - half):
-            p._add("spatial", block_costs(b, tt + ts, tt + ts, d, e, c), frames, prefix="half2.")
-        p._add("spatial", {"final_norm": elementwise_cost(b * ts * d, 2, 1, e, 8.0, c)}, frames)
-        p._add("head", head_call_costs(b * predicted, shape, e, c), frames * workload.diffusion_steps)
+            p._add("spatial", block(b, tt + known, tt + known, d, e, c), frames, prefix="half1.")
+        for i in range(shape.spatial_depth - half):
+            # accelerated: the last block computes queries, MLP and final norm only where the head reads
+            last = fast and i == shape.spatial_depth - half - 1
+            p._add("spatial", accelerated_block_costs(b, tt + ts, tt + ts, d, e, c, query_rows=predicted) if last
+                   else block(b, tt + ts, tt + ts, d, e, c), frames, prefix="half2.")
+        p._add("spatial", {"final_norm": elementwise_cost(b * (predicted if fast else ts) * d, 2, 1, e, 8.0, c)},
+               frames)
+        if fast:
+            head_c = c if graphs is None else Ceilings(c.peak_flops, c.hbm_bytes_per_s, graphs.node_s, c.name)
+            p._add("head", accelerated_head_call_costs(b * predicted, shape, e, head_c), frames * workload.diffusion_steps)
+            p._add("head", accelerated_head_step_costs(b * predicted, shape, e, c, graphs), frames)
+        else:
+            p._add("head", head_call_costs(b * predicted, shape, e, c), frames * workload.diffusion_steps)
     return p
 
 
@@ -295,6 +313,238 @@ def head_call_costs(tokens: int, shape: ModelShape, e: int, ceilings: Ceilings =
         cost.calls = shape.head_depth      # one call per head block
     return {"embed": embed, "adaln": adaln, "mlp": mlp, "norm+gate": gate, "final": final,
             "cfg+scheduler": step}
+
+
+# ---- the accelerated path ------------------------------------------------------------------------
+# What nova_fast.accelerate changes, as counted by project(path="accelerated") (README: Using it):
+ACCELERATED_PATH = (
+    "encoder post-norm residuals: residual_norm, one pass per (LayerNorm, add) pair: reads x and y, "
+    "writes out (3 passes instead of 5, 1 launch instead of 2)",
+    "temporal Scaling-and-Shift: x0 * (1 + scale) + shift in one modulate launch (instead of 2)",
+    "spatial encoder, last block: keys and values for every token, but queries, projection, MLP, norms "
+    "and the final norm only at the tokens the head reads",
+    "diffusion head (denoise_tokens): time embeddings and condition projection once per AR step, not per "
+    "denoising step; one GEMM per step for the adaLN statistics of every block and the final norm; "
+    "modulate (1 launch, 4 passes) for LN * (1 + scale) + shift; residual_norm(gate=) in place (1 launch, "
+    "4 passes); guidance + scheduler update in one kernel (1 launch, 4 passes instead of 10 launches, 12 passes)",
+    "not changed: GEMMs (cuBLAS, bias fused, GELU / SiLU separate), attention (one fused kernel either "
+    "way), the KV-cache append, embeddings",
+)
+
+
+@dataclass(frozen=True)
+class GraphModel:
+    """Launch cost inside a replayed CUDA graph (ASSUMED, not measured): a kernel node costs ``node_s``
+    instead of a host launch, and each replay ``replay_s``. The accelerated path captures the head's
+    K-step denoising loop, one graph replay per AR step."""
+    node_s: float = 1e-6
+    replay_s: float = 10e-6
+
+
+def accelerated_block_costs(batch: int, queries: int, keys: int, width: int, e: int = 2,
+                            ceilings: Ceilings = Ceilings(), kv_cache: bool = False,
+                            query_rows: int | None = None) -> dict[str, Cost]:
+    """``block_costs`` as the accelerated path runs it: the two (LayerNorm, residual) pairs fused into
+    residual_norm; with ``query_rows``, queries / proj / MLP / norms only on that many rows per sequence
+    (keys and values still for all ``queries`` tokens)."""
+    ops = block_costs(batch, queries, keys, width, e, ceilings, kv_cache)
+    d = width
+    ops["norm+residual"] = elementwise_cost(batch * queries * d, 6, 2, e, 10.0, ceilings)
+    if query_rows is not None:
+        rows_q, rows_kv = batch * query_rows, batch * queries
+        qkv = Cost()
+        qkv.add(linear_cost(rows_kv, d, 2 * d, e, ceilings))      # keys, values: every token
+        qkv.add(linear_cost(rows_q, d, d, e, ceilings))           # queries: the read tokens only
+        qkv.calls = 1
+        ops["qkv"] = qkv
+        ops["attention"] = attention_cost(batch, query_rows, keys, d, e, ceilings)
+        ops["proj"] = linear_cost(rows_q, d, d, e, ceilings)
+        ops["mlp.fc1"] = linear_cost(rows_q, d, 4 * d, e, ceilings)
+        ops["mlp.gelu"] = elementwise_cost(rows_q * 4 * d, 2, 1, e, 8.0, ceilings)
+        ops["mlp.fc2"] = linear_cost(rows_q, 4 * d, d, e, ceilings)
+        ops["norm+residual"] = elementwise_cost(rows_q * d, 6, 2, e, 10.0, ceilings)
+    return ops
+
+
+def accelerated_head_call_costs(tokens: int, shape: ModelShape, e: int,
+                                ceilings: Ceilings = Ceilings()) -> dict[str, Cost]:
+    """One denoising step of ``denoise_tokens`` on ``tokens`` rows (guidance included); the per-AR-step
+    work hoisted out of the loop is ``accelerated_head_step_costs``."""
+    c = ceilings
+    w = shape.head_width
+    out_dim = shape.image_patch ** 2 * shape.latent_channels
+    embed = Cost()
+    embed.add(linear_cost(tokens, out_dim, w, e, c))                  # patch embed of the noisy tokens
+    embed.add(elementwise_cost(tokens * w, 3, 1, e, 4.0, c))          # SiLU(cond + t)
+    adaln = Cost()
+    adaln.add(linear_cost(tokens, w, (3 * shape.head_depth + 2) * w, e, c))   # every block's stats, one GEMM
+    mlp, gate = Cost(), Cost()
+    for _ in range(shape.head_depth):
+        adaln.add(elementwise_cost(tokens * w, 4, 1, e, 10.0, c))     # modulate: x, scale, shift -> out
+        mlp.add(linear_cost(tokens, w, w, e, c))
+        mlp.add(elementwise_cost(tokens * w, 2, 1, e, 4.0, c))        # SiLU
+        mlp.add(linear_cost(tokens, w, w, e, c))
+        gate.add(elementwise_cost(tokens * w, 4, 1, e, 10.0, c))      # residual_norm(gate=), in place
+    final = Cost()
+    final.add(elementwise_cost(tokens * w, 4, 1, e, 10.0, c))         # modulate
+    final.add(linear_cost(tokens, w, out_dim, e, c))
+    step = elementwise_cost(tokens * out_dim, 4, 1, e, 10.0, c)      # guidance + scheduler, one kernel
+    for cost in (embed, final):
+        cost.calls = 1
+    adaln.calls = 1
+    for cost in (mlp, gate):
+        cost.calls = shape.head_depth
+    return {"embed": embed, "adaln": adaln, "mlp": mlp, "norm+gate": gate, "final": final, "cfg+scheduler": step}
+
+
+def accelerated_head_step_costs(tokens: int, shape: ModelShape, e: int, ceilings: Ceilings = Ceilings(),
+                                graphs: GraphModel | None = None) -> dict[str, Cost]:
+    """Once per AR step: the condition projection of the ``tokens`` rows and, with CUDA graphs, the
+    replay of the captured loop."""
+    c = ceilings
+    w, d = shape.head_width, shape.width
+    setup = Cost()
+    setup.add(linear_cost(tokens, d, w, e, c))                       # condition_proj.fc1
+    setup.add(elementwise_cost(tokens * w, 2, 1, e, 4.0, c))         # SiLU
+    setup.add(linear_cost(tokens, w, w, e, c))                       # condition_proj.fc2
+    setup.calls = 1
+    out = {"condition (once per AR step)": setup}
+    if graphs is not None:
+        out["graph replay"] = Cost(0.0, 0.0, 0.0, 1, graphs.replay_s)
+    return out
+
+
+# the bench's "other": what runs outside the encoder blocks and the head (embeddings, canvas gather/scatter)
+OTHER_OPS = {("temporal", "text_embed"), ("temporal", "text_norm"), ("temporal", "motion_embed"),
+             ("temporal", "embed"), ("spatial", "embed"), ("spatial", "gather/scatter")}
+STAGES = ("temporal", "spatial", "head", "other")
+
+
+def _by_stage(p: Projection) -> dict[str, Cost]:
+    out = {s: Cost() for s in STAGES}
+    for (stage, op), cost in p.ops.items():
+        out["other" if (stage, op) in OTHER_OPS else stage].add(cost)
+    return out
+
+
+def _floor(p: Projection) -> dict[str, float]:
+    """Per stage: the roofline floor, sum over ops of max(compute, memory), no launch cost at all."""
+    out = {s: 0.0 for s in STAGES}
+    for (stage, op), cost in p.ops.items():
+        out["other" if (stage, op) in OTHER_OPS else stage] += max(cost.flops / p.ceilings.peak_flops,
+                                                                   cost.bytes / p.ceilings.hbm_bytes_per_s)
+    return out
+
+
+def compare_paths(shape: ModelShape, workload: Workload = Workload(), ceilings: Ceilings = Ceilings(),
+                  graphs: GraphModel = GraphModel()) -> dict:
+    """Eager against accelerated, per stage (PROJECTED): what fusion removes (launches, bytes, seconds),
+    what CUDA graphs remove, the accelerated total and its floor (no launch cost)."""
+    eager = project(shape, workload, ceilings)
+    fused = project(shape, workload, ceilings, path="accelerated", graphs=None)
+    graphed = project(shape, workload, ceilings, path="accelerated", graphs=graphs)
+    e_st, f_st, g_st, floor = _by_stage(eager), _by_stage(fused), _by_stage(graphed), _floor(graphed)
+    rows = {}
+    for s in STAGES:
+        rows[s] = {
+            "eager_s": e_st[s].seconds, "eager_launches": e_st[s].launches, "eager_bytes": e_st[s].bytes,
+            "eager_flops": e_st[s].flops,
+            "fusion_removes_launches": e_st[s].launches - f_st[s].launches,
+            "fusion_removes_bytes": e_st[s].bytes - f_st[s].bytes,
+            "fusion_removes_flops": e_st[s].flops - f_st[s].flops,
+            "fusion_removes_s": e_st[s].seconds - f_st[s].seconds,
+            "graphs_remove_s": f_st[s].seconds - g_st[s].seconds,
+            "accelerated_s": g_st[s].seconds, "accelerated_launches": g_st[s].launches,
+            "accelerated_bytes": g_st[s].bytes, "accelerated_flops": g_st[s].flops, "floor_s": floor[s],
+        }
+    return {"label": "PROJECTION (not measured)", "stages": rows, "graphs": asdict(graphs),
+            "accelerated_path": list(ACCELERATED_PATH),
+            "total": {k: sum(r[k] for r in rows.values()) for k in rows["spatial"]},
+            "moonshot": moonshot(shape, ceilings, graphs)}
+
+
+# The goal set for the accelerated path: one osp480 video of 33 frames (9 latent frames), 64 AR steps,
+# 25 denoising steps, classifier-free guidance, on one H100, in 3 s.
+MOONSHOT = dict(latent_frames=9, ar_steps=64, diffusion_steps=25, guidance_batch=2, target_s=3.0)
+
+
+def moonshot(shape: ModelShape, ceilings: Ceilings = Ceilings(), graphs: GraphModel = GraphModel()) -> dict:
+    """What the moonshot takes on the model's ceilings (PROJECTED): the accelerated path's time and
+    floor, the sustained FLOP rate 3 s needs, and the levers the model can price."""
+    m = MOONSHOT
+    wl = Workload(latent_frames=m["latent_frames"], ar_steps=m["ar_steps"], diffusion_steps=m["diffusion_steps"],
+                  guidance_batch=m["guidance_batch"])
+    acc = project(shape, wl, ceilings, path="accelerated", graphs=graphs)
+    total, floor = acc.total(), sum(_floor(acc).values())
+    target = m["target_s"]
+    spatial_half1 = sum(c.flops for (s, o), c in acc.ops.items() if s == "spatial" and o.startswith("half1."))
+    cached_half1 = _half1_flops_with_cache(shape, wl)
+    launches_s = total.seconds - floor     # what the launches add over the per-op floor (graph nodes included)
+    levers = [
+        f"sustain {total.flops / target / 1e12:.0f} TFLOP/s over the whole video: "
+        f"{total.flops / target / ceilings.peak_flops:.0%} of the {ceilings.peak_flops / 1e12:.0f} TFLOP/s peak "
+        f"(the GEMMs and attention at that efficiency on average)",
+        f"launch overhead down to a small share: the accelerated path still issues {total.launches:,.0f} launches, "
+        f"{launches_s:.2f} s over the floor; capturing the encoders' AR steps in CUDA graphs too would price "
+        f"every launch at {graphs.node_s * 1e6:.0f} us ({total.launches * graphs.node_s:.2f} s)",
+        f"the spatial encoder's first half re-encodes every known token at every AR step "
+        f"({spatial_half1 / 1e12:.0f} TFLOP); its attention over them is bidirectional, so their keys and values "
+        f"change as tokens become known and cannot be cached exactly. A model trained with a causal-over-sets "
+        f"first half could cache them and encode only the newly known tokens: {cached_half1 / 1e12:.0f} TFLOP "
+        f"(saves {(spatial_half1 - cached_half1) / ceilings.peak_flops:.2f} s at peak; a model change, not a kernel)",
+        f"FP8 GEMMs (twice the bf16 tensor rate) would halve the compute floor to about "
+        f"{total.flops / (2 * ceilings.peak_flops):.2f} s",
+    ]
+    return {"label": "PROJECTED", "workload": asdict(wl), "target_s": target, "accelerated_s": total.seconds,
+            "floor_s": floor, "compute_floor_s": total.flops / ceilings.peak_flops,
+            "memory_floor_s": total.bytes / ceilings.hbm_bytes_per_s, "launch_s": launches_s,
+            "flops": total.flops, "required_tflops": total.flops / target / 1e12,
+            "required_fraction_of_peak": total.flops / target / ceilings.peak_flops,
+            "meets_target_at_the_floor": floor <= target, "levers": levers}
+
+
+def _half1_flops_with_cache(shape: ModelShape, wl: Workload) -> float:
+    """FLOPs of the spatial first half if each AR step encoded only the tokens that became known at the
+    previous step (queries) against the prefix and every known token (keys) -- a KV cache over the sets."""
+    b = wl.batch * wl.guidance_batch
+    flops = 0.0
+    schedule = ar_schedule(shape.spatial_tokens, wl.ar_steps)
+    for i, (known, _) in enumerate(schedule):
+        new = known - (schedule[i - 1][0] if i else 0) + (shape.temporal_tokens if i == 0 else 0)
+        ops = block_costs(b, new, shape.temporal_tokens + known, shape.width, wl.dtype_bytes)
+        flops += sum(c.flops for c in ops.values()) * (shape.spatial_depth // 2)
+    return flops * wl.latent_frames
+
+
+def format_comparison(data: dict) -> str:
+    """The eager / accelerated table of compare_paths() and the moonshot lines."""
+    g = data["graphs"]
+    lines = ["", "ACCELERATED PATH -- PROJECTED, NOT MEASURED (same ceilings; CUDA graphs ASSUMED at "
+             f"{g['node_s'] * 1e6:.1f} us per kernel node and {g['replay_s'] * 1e6:.0f} us per replay, "
+             "the head's K-step loop captured once per AR step)",
+             *[f"  - {what}" for what in data["accelerated_path"]], "",
+             f"{'stage':<9} {'eager s':>8} {'launches':>10} {'GB':>8} | {'fusion: -launches':>17} {'-GB':>7} "
+             f"{'-TFLOP':>7} {'-s':>7} | {'graphs -s':>9} | {'accel. s':>8} {'launches':>9} {'floor s':>8}"]
+    rows = list(data["stages"].items()) + [("total", data["total"])]
+    for stage, r in rows:
+        lines.append(f"{stage:<9} {r['eager_s']:>8.3f} {r['eager_launches']:>10,.0f} {r['eager_bytes'] / 1e9:>8.1f} | "
+                     f"{r['fusion_removes_launches']:>17,.0f} {r['fusion_removes_bytes'] / 1e9:>7.1f} "
+                     f"{r['fusion_removes_flops'] / 1e12:>7.2f} {r['fusion_removes_s']:>7.3f} | "
+                     f"{r['graphs_remove_s']:>9.3f} | {r['accelerated_s']:>8.3f} {r['accelerated_launches']:>9,.0f} "
+                     f"{r['floor_s']:>8.3f}")
+    m = data["moonshot"]
+    wl = m["workload"]
+    lines += ["", "(the eager counts already run the head on the predicted tokens only; the reference runs it on "
+              "the whole canvas, so what the accelerated head saves against the reference is larger than shown)"]
+    lines += ["", f"MOONSHOT (PROJECTED): {wl['latent_frames']} latent frames (33 frames) x {wl['ar_steps']} AR steps x "
+              f"{wl['diffusion_steps']} denoising steps, guidance batch {wl['guidance_batch']}, one H100, "
+              f"<= {m['target_s']:.0f} s",
+              f"  accelerated path: {m['accelerated_s']:.2f} s projected; floor {m['floor_s']:.2f} s (compute "
+              f"{m['compute_floor_s']:.2f} s, memory {m['memory_floor_s']:.2f} s), launches {m['launch_s']:.2f} s; "
+              f"{m['flops'] / 1e12:.0f} TFLOP",
+              f"  the floor is {'under' if m['meets_target_at_the_floor'] else 'OVER'} the target; what it would take:"]
+    lines += [f"  - {lever}" for lever in m["levers"]]
+    return "\n".join(lines)
 
 
 # ---- configurations ----------------------------------------------------------------------------

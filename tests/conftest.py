@@ -22,6 +22,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "aot: compiles kernels ahead of time for sm_80/sm_90 (no GPU needed)")
     config.addinivalue_line("markers", "host_cuda: runs CUDA C++ kernels through the host SIMT harness")
     config.addinivalue_line("markers", "slow: longer than a few seconds")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skips without one); bench/gpu_check.sh runs these")
 
 
 @pytest.fixture

@@ -373,6 +373,7 @@ def test_graph_cache_is_a_small_lru(monkeypatch):
     op.clear_graph_cache()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind,guide_name", [("ddpm", "renorm"), ("flow", "trunc"), ("ddpm", "stg")])
 def test_cuda_graph_replay_matches_eager(kind, guide_name):

@@ -4,7 +4,9 @@
 (``csrc/host/simt.h``) into a shared library and loads it with ctypes: the ``extern "C"`` launchers
 are then callable with CPU tensor pointers, so parity tests execute the very kernel source that
 nvcc builds for the GPU. ``nvcc_report(path, arch)`` compiles a source with ``-Xptxas -v`` and
-returns registers, spills and shared memory per kernel.
+returns registers, spills and shared memory per kernel. ``check_bindings(headers)`` compiles the
+torch glue (``csrc/*.cpp``) against another torch's C++ headers, syntax only: the lent GPU machine's
+torch 2.11, fetched by .ci/env.sh (``compat_torch_headers()``).
 """
 from __future__ import annotations
 
@@ -126,8 +128,12 @@ def nvcc_report(source: str | Path, arch: str = "sm_90", extra=()) -> list[Kerne
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed for {source.name} ({arch}):\n{proc.stderr}")
+    return _parse_ptxas(proc.stderr, source)
+
+
+def _parse_ptxas(stderr: str, source: Path) -> list[KernelResources]:
     kernels, current = [], None
-    for line in proc.stderr.splitlines():
+    for line in stderr.splitlines():
         if m := _FUNC.search(line):
             current = {"name": m.group(1), "arch": m.group(2)}
         elif current and (m := _STACK.search(line)):
@@ -138,8 +144,41 @@ def nvcc_report(source: str | Path, arch: str = "sm_90", extra=()) -> list[Kerne
                                            int(m.group(2) or 0), current.get("stack", 0)))
             current = None
     if not kernels:
-        raise RuntimeError(f"nvcc reported no kernel for {source.name}:\n{proc.stderr}")
+        raise RuntimeError(f"nvcc reported no kernel for {source.name}:\n{stderr}")
     return kernels
+
+
+def nvcc_cubin(source: str | Path, arch: str = "sm_90") -> tuple[list[KernelResources], str, dict[str, int]]:
+    """Compile one .cu to a cubin for ``arch``: (resources per kernel as nvcc_report gives them, the SASS
+    as text (cuobjdump of the triton wheel), {kernel: threads per block} from ``__launch_bounds__``
+    (the PTX ``.maxntid``; kernels without one are absent))."""
+    from nova_fast.testing.triton_aot import _tool
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc is not on the PATH")
+    source = Path(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cmd = [nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-I", str(CSRC), "-cubin", "--keep",
+               "--keep-dir", tmp, str(source), "-o", str(cubin)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed for {source.name} ({arch}):\n{proc.stderr}")
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+        threads = {}
+        for ptx in Path(tmp).glob("*.ptx"):
+            for m in re.finditer(r"\.entry\s+(\w+)\s*\((?:[^)]*)\)\s*((?:\.\w+[^\n{]*\n\s*)*)", ptx.read_text()):
+                nt = re.search(r"\.maxntid\s+(\d+)\s*,\s*(\d+)\s*,\s*(\d+)", m.group(2))
+                if nt:
+                    threads[m.group(1)] = int(nt.group(1)) * int(nt.group(2)) * int(nt.group(3))
+    return _parse_ptxas(proc.stderr, source), sass, threads
+
+
+def sass_functions(sass: str) -> dict[str, str]:
+    """cuobjdump -sass text split per kernel: {mangled name: its SASS}."""
+    parts = re.split(r"\n\s*Function : (\S+)\n", "\n" + sass)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
 
 def assert_no_spills(source: str | Path, archs=("sm_80", "sm_90")) -> list[KernelResources]:
@@ -152,3 +191,58 @@ def assert_no_spills(source: str | Path, archs=("sm_80", "sm_90")) -> list[Kerne
                                      f"{k.spill_loads} B loads ({k.registers} registers)")
             reports.append(k)
     return reports
+
+
+# ---- the torch glue against the GPU machine's torch headers ---------------------------------------
+COMPAT_TORCH = "2.11.0"
+
+
+def compat_torch_headers(version: str = COMPAT_TORCH) -> Path | None:
+    """The folder .ci/env.sh unpacks torch ``version``'s headers into (``torch/``: torch's include
+    folder; ``cuda/``: the cuBLAS, cuSPARSE and cuSOLVER headers its ATen/cuda headers include), or None."""
+    path = Path(os.environ.get("NOVA_FAST_COMPAT_TORCH_HEADERS", REPO_ROOT / ".venv" / f"torch-{version}-headers"))
+    return path if (path / ".complete").exists() and (path / "torch" / "torch" / "extension.h").exists() else None
+
+
+def cuda_toolkit_include() -> Path:
+    """The CUDA toolkit's include folder (cuda_runtime_api.h), from CUDA_HOME / CUDA_PATH or where nvcc is."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for c in filter(None, candidates):
+        if (Path(c) / "include" / "cuda_runtime_api.h").exists():
+            return Path(c) / "include"
+    raise RuntimeError(f"no CUDA toolkit include folder with cuda_runtime_api.h among {candidates}")
+
+
+def binding_sources() -> list[Path]:
+    return sorted(CSRC.glob("*.cpp"))
+
+
+def check_bindings(headers: Path, sources=None, cxx: str | None = None) -> str:
+    """Compile ``sources`` (default every csrc/*.cpp) as ONE translation unit, syntax only, against the
+    torch headers in ``headers`` (see compat_torch_headers) and the local CUDA toolkit; the torch
+    headers are parsed once for all of them. Returns the command line; raises with the compiler's
+    errors. A pass is cached by content (sources, their csrc headers, the header set)."""
+    sources = list(sources or binding_sources())
+    cxx = cxx or os.environ.get("CXX", "g++")
+    python_include = __import__("sysconfig").get_paths()["include"]
+    includes = [headers / "torch", headers / "torch" / "torch" / "csrc" / "api" / "include", headers / "cuda",
+                cuda_toolkit_include(), Path(python_include), CSRC]
+    flags = ["-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+             *(f"-I{i}" for i in includes)]
+    key = _digest([*sources, *CSRC.glob("*.h"), *CSRC.glob("*.cuh"), headers / ".complete"])
+    stamp = CACHE / f"bindings-syntax-{key}-{hashlib.sha256(' '.join(flags).encode()).hexdigest()[:8]}.ok"
+    with tempfile.TemporaryDirectory() as tmp:
+        unit = Path(tmp) / "all_bindings.cpp"
+        unit.write_text("".join(f'#include "{s}"\n' for s in sources))
+        cmd = [cxx, *flags, str(unit)]
+        if stamp.exists():
+            return " ".join(cmd)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the torch glue does not compile against {headers}:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(" ".join(cmd) + "\n")
+    return " ".join(cmd)

@@ -24,6 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TARGETS = (80, 90)
+# the triton the lent GPU machine has: .ci/env.sh installs it beside the venv's own (a --target folder
+# put first on PYTHONPATH), so the kernels are AOT-compiled with both (compile_in_subprocess(triton_path=))
+COMPAT_TRITON = "3.6.0"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def compat_triton_path(version: str = COMPAT_TRITON) -> Path | None:
+    """The folder holding triton ``version`` for PYTHONPATH (made by .ci/env.sh), or None if absent."""
+    path = Path(os.environ.get("NOVA_FAST_COMPAT_TRITON", REPO_ROOT / ".venv" / f"triton-{version}"))
+    return path if (path / "triton" / "__init__.py").exists() else None
 
 
 @dataclass
@@ -52,6 +62,9 @@ class AotResult:
     hgmma: int            # HGMMA instructions (wgmma, sm_90 tensor cores)
     tensor_cores: bool
     error: str | None = None
+    triton_version: str | None = None
+    tma: int = 0          # TMA loads (UTMALDG, sm_90)
+    setmaxnreg: int = 0   # register reallocation between warpgroups (USETMAXREG: warp specialization)
 
 
 def _tool(name: str) -> str:
@@ -88,30 +101,54 @@ def compile_spec(fn, spec: AotSpec, arch: int):
     return compiled, regs, local, sass
 
 
-def compile_module(module_name: str, targets=TARGETS) -> list[AotResult]:
+def one_dtype_per_config(specs: list[AotSpec]) -> list[AotSpec]:
+    """One spec per (kernel, constexprs, warps, stages): the dtype axis dropped, bf16 kept where there
+    is one (what a GPU runs). Every constexpr branch is still compiled, for a third of the time."""
+    chosen: dict = {}
+    for spec in specs:
+        key = (spec.kernel, tuple(sorted(spec.constexprs.items())), spec.num_warps, spec.num_stages)
+        is_bf16 = any(str(t) == "*bf16" for t in spec.signature.values())
+        if key not in chosen or (is_bf16 and not chosen[key][0]):
+            chosen[key] = (is_bf16, spec)
+    return [spec for _, spec in chosen.values()]
+
+
+def compile_module(module_name: str, targets=TARGETS, one_dtype: bool = False) -> list[AotResult]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset; use compile_in_subprocess()")
+    import triton
+
     module = importlib.import_module(module_name)
+    specs = one_dtype_per_config(module.AOT_SPECS) if one_dtype else module.AOT_SPECS
     results = []
-    for spec in module.AOT_SPECS:
+    for spec in specs:
         for arch in targets:
             try:
                 compiled, regs, local, sass = compile_spec(getattr(module, spec.kernel), spec, arch)
                 results.append(AotResult(module_name, spec.name(), arch, regs, local, compiled.metadata.shared,
                                          len(re.findall(r"\bHMMA\b", sass)), len(re.findall(r"\bHGMMA\b", sass)),
-                                         spec.tensor_cores))
+                                         spec.tensor_cores, triton_version=triton.__version__,
+                                         tma=len(re.findall(r"\bUTMALDG\b", sass)),
+                                         setmaxnreg=len(re.findall(r"\bUSETMAXREG\b", sass))))
             except Exception as exc:  # reported per spec so one failure does not hide the others
                 results.append(AotResult(module_name, spec.name(), arch, 0, 0, 0, 0, 0, spec.tensor_cores,
-                                         error=f"{exc.__class__.__name__}: {str(exc)[:2000]}"))
+                                         error=f"{exc.__class__.__name__}: {str(exc)[:2000]}",
+                                         triton_version=triton.__version__))
     return results
 
 
-def compile_in_subprocess(module_name: str, targets=TARGETS, timeout: float = 900) -> list[AotResult]:
-    """compile_module in a fresh process with the interpreter off (safe to call from tests)."""
+def compile_in_subprocess(module_name: str, targets=TARGETS, timeout: float = 900, *,
+                          triton_path: str | Path | None = None, one_dtype: bool = False) -> list[AotResult]:
+    """compile_module in a fresh process with the interpreter off (safe to call from tests);
+    ``triton_path``: a folder holding another triton, put first on PYTHONPATH (see COMPAT_TRITON)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if triton_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(triton_path), *filter(None, [env.get("PYTHONPATH")])])
+        # its own compile cache: kernels cached by one triton are not read back by the other
+        env["TRITON_CACHE_DIR"] = str(Path(triton_path) / ".cache")
     cmd = [sys.executable, "-m", "nova_fast.testing.triton_aot", module_name, "--json",
-           "--targets", ",".join(map(str, targets))]
+           "--targets", ",".join(map(str, targets)), *(["--one-dtype"] if one_dtype else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"AOT compile of {module_name} failed:\n{proc.stderr[-4000:]}")
@@ -153,8 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("module")
     p.add_argument("--json", action="store_true")
     p.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    p.add_argument("--one-dtype", action="store_true", help="one spec per kernel configuration (bf16 where there is one)")
     a = p.parse_args(argv)
-    results = compile_module(a.module, tuple(int(t) for t in a.targets.split(",")))
+    results = compile_module(a.module, tuple(int(t) for t in a.targets.split(",")), one_dtype=a.one_dtype)
     if a.json:
         print(json.dumps([dataclasses.asdict(r) for r in results]))
     else:
