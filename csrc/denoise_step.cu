@@ -11,6 +11,7 @@
 
 namespace {
 
+// guidance modes: the values of nova_fast/guidance_modes.py (tests/test_guidance_modes.py checks them)
 constexpr int kGuideNone = 0, kGuideCfg = 1, kGuideImage = 2, kGuideStg = 3;
 constexpr int kWarpGroupMax = 256;  // groups up to this length get one warp each
 

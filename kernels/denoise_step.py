@@ -25,22 +25,22 @@ being stored.
 import triton
 import triton.language as tl
 
+from nova_fast.guidance_modes import GuideMode
 from nova_fast.testing.triton_aot import AotSpec
 
-GUIDE_NONE, GUIDE_CFG, GUIDE_IMAGE, GUIDE_STG = 0, 1, 2, 3
-PASSES = {GUIDE_NONE: 1, GUIDE_CFG: 2, GUIDE_IMAGE: 3, GUIDE_STG: 3}
-COEF_COLUMNS = 8
+# the guidance modes (values from nova_fast.guidance_modes) as compile-time constants of the kernels
+GUIDE_NONE, GUIDE_CFG, GUIDE_IMAGE, GUIDE_STG = (tl.constexpr(mode.value) for mode in GuideMode)
 
 
 @triton.jit
 def _first_stage(out_ptr, offs, mask, pass_stride, s, GUIDE: tl.constexpr):
     # Returns (o0, g1): the conditional pass and the guided value before renorm.
     o0 = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if GUIDE == 0:
+    if GUIDE == GUIDE_NONE:
         g1 = o0
     else:
         o1 = tl.load(out_ptr + pass_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        if GUIDE == 2:
+        if GUIDE == GUIDE_IMAGE:
             o2 = tl.load(out_ptr + 2 * pass_stride + offs, mask=mask, other=0.0).to(tl.float32)
             g1 = o1 + (o0 - o2) * s
         else:
@@ -82,11 +82,11 @@ def guided_step_kernel(out_ptr, x_ptr, noise_ptr, new_x_ptr, coef_ptr, scales_pt
         o0, g = _first_stage(out_ptr, offs, mask, pass_stride, s, GUIDE)
         if RENORM:
             g = g * factor[:, None]
-        if GUIDE == 2:
+        if GUIDE == GUIDE_IMAGE:
             o1 = tl.load(out_ptr + pass_stride + offs, mask=mask, other=0.0).to(tl.float32)
             o2 = tl.load(out_ptr + 2 * pass_stride + offs, mask=mask, other=0.0).to(tl.float32)
             g = g + (o2 - o1) * s2
-        if GUIDE == 3:
+        if GUIDE == GUIDE_STG:
             o2 = tl.load(out_ptr + 2 * pass_stride + offs, mask=mask, other=0.0).to(tl.float32)
             g = g + (o0 - o2) * s2
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -128,21 +128,21 @@ def _spec(dtype: str, guide: int, renorm: bool, noise: bool, groups: int, block:
            "coef_ptr": "*fp32", "scales_ptr": "*fp32", "step": "i32", "num_groups": "i32", "group_len": "i32",
            "group_stride": "i32", "pass_stride": "i32", "GUIDE": "constexpr", "RENORM": "constexpr",
            "HAS_NOISE": "constexpr", "GROUPS": "constexpr", "BLOCK": "constexpr"}
-    consts = {"GUIDE": guide, "RENORM": renorm, "HAS_NOISE": noise, "GROUPS": groups, "BLOCK": block}
+    consts = {"GUIDE": int(guide), "RENORM": renorm, "HAS_NOISE": noise, "GROUPS": groups, "BLOCK": block}
     return AotSpec("guided_step_kernel", sig, consts,
-                   label=f"guided_step {dtype} guide={guide} renorm={int(renorm)} noise={int(noise)} {groups}x{block}")
+                   label=f"guided_step {dtype} guide={int(guide)} renorm={int(renorm)} noise={int(noise)} {groups}x{block}")
 
 
 AOT_SPECS = [
     # per-token groups of P = 64 (osp480) for each dtype, plain cfg + DDPM noise and cfg + renorm
-    *(_spec(dt, GUIDE_CFG, False, True, 8, 64) for dt in ("fp32", "fp16", "bf16")),
-    *(_spec(dt, GUIDE_CFG, True, False, 8, 64) for dt in ("fp32", "fp16", "bf16")),
+    *(_spec(dt, GuideMode.CFG, False, True, 8, 64) for dt in ("fp32", "fp16", "bf16")),
+    *(_spec(dt, GuideMode.CFG, True, False, 8, 64) for dt in ("fp32", "fp16", "bf16")),
     # third pass (image / spatiotemporal guidance) with renorm and noise, fp16
-    _spec("fp16", GUIDE_IMAGE, True, True, 8, 64),
-    _spec("fp16", GUIDE_STG, True, True, 8, 64),
+    _spec("fp16", GuideMode.IMAGE, True, True, 8, 64),
+    _spec("fp16", GuideMode.STG, True, True, 8, 64),
     # no guidance (or after truncation), flow
-    _spec("fp32", GUIDE_NONE, False, False, 8, 64),
+    _spec("fp32", GuideMode.NONE, False, False, 8, 64),
     # per-sample renorm groups: one long group looped in 512-element tiles
-    _spec("fp32", GUIDE_CFG, True, True, 1, 512),
-    _spec("bf16", GUIDE_STG, True, True, 1, 512),
+    _spec("fp32", GuideMode.CFG, True, True, 1, 512),
+    _spec("bf16", GuideMode.STG, True, True, 1, 512),
 ]

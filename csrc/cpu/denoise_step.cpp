@@ -19,6 +19,7 @@
 namespace nova_cpu {
 namespace {
 
+// guidance modes: the values of nova_fast/guidance_modes.py (tests/test_guidance_modes.py checks them)
 constexpr int64_t kGuideNone = 0, kGuideCfg = 1, kGuideImage = 2, kGuideStg = 3;
 
 template <class T>
