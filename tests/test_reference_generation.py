@@ -1,5 +1,5 @@
 """Whole-model generation on the tiny config: determinism, seeds, image-to-video, guidance variants,
-the AR schedule, the RNG order of NOVA_SPEC.md section 3, and the diffusion head's token gather."""
+the AR schedule, the RNG order of docs/nova.md section 3, and the diffusion head's token gather."""
 import pytest
 import torch
 
