@@ -53,6 +53,7 @@ GUIDANCE = {
     "renorm-tokens": dict(guidance=Guidance(5.0, guidance_renorm=0.5, renorm_scope="tokens")),
     "image-guidance": dict(guidance=Guidance(4.0, image_guidance_scale=1.5)),
     "spatiotemporal": dict(guidance=Guidance(4.0, spatiotemporal_guidance_scale=1.2)),
+    "scale-ramp": dict(min_guidance_scale=2.0),
 }
 
 

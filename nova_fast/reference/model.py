@@ -273,7 +273,7 @@ class NOVAModel(nn.Module):
         known_ids = torch.zeros(B, 0, dtype=torch.long, device=self.device)
         rope_pos = self.spatial_rope_pos(m * B)
         pos = 0
-        for n in schedule:
+        for i, n in enumerate(schedule):
             if state.get("order") is None:  # once per video, with the caller's generator
                 u = torch.empty(B, L, 1, device=self.device, dtype=self.dtype).uniform_(generator=generator)
                 state["order"] = u.argsort(dim=1).squeeze(-1)
@@ -283,7 +283,8 @@ class NOVAModel(nn.Module):
             z = self.spatial_features(self.expand_passes(canvas.encoder_tokens(), m), prefix,
                                       self.expand_passes(known_ids, m), rope_pos, ids_m)
             noise.normal_(generator=generator)
-            canvas.write(pred_ids, self.denoise_step_tokens(z, noise, ids_m, scheduler, guidance, generator))
+            step_guidance = guidance.at_ar_step(i, len(schedule))  # the scale ramp, if any
+            canvas.write(pred_ids, self.denoise_step_tokens(z, noise, ids_m, scheduler, step_guidance, generator))
             known_ids = torch.cat([known_ids, pred_ids], dim=1)
         return canvas.image()
 
@@ -295,14 +296,14 @@ class NOVAModel(nn.Module):
                        spatiotemporal_guidance_scale: float = 0.0, flow_shift: Optional[float] = None,
                        motion_flow: Union[float, Sequence[float]] = 5.0, first_latent: Optional[torch.Tensor] = None,
                        generator: Optional[torch.Generator] = None, fps=None,
-                       guidance: Optional[Guidance] = None) -> torch.Tensor:
+                       guidance: Optional[Guidance] = None, min_guidance_scale: Optional[float] = None) -> torch.Tensor:
         """Latents (B, C, T, H, W). ``first_latent`` (B, C, H, W): image-to-video, frame 0 is given
         (the temporal encoder still runs its step 0). ``guidance``: a ready Guidance object that
-        replaces the five guidance arguments."""
+        replaces the six guidance arguments (``min_guidance_scale``: see ``Guidance``)."""
         c = self.config
         if guidance is None:
             guidance = Guidance(guidance_scale, guidance_trunc, guidance_renorm, image_guidance_scale,
-                                spatiotemporal_guidance_scale)
+                                spatiotemporal_guidance_scale, min_guidance_scale=min_guidance_scale)
         cond = self.encode_condition(text_states, labels, motion_flow=motion_flow, fps=fps)
         B = cond.shape[0]
         uncond = None
