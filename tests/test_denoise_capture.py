@@ -179,7 +179,6 @@ def test_captures_keep_what_they_read_alive(monkeypatch):
             return inputs[0]
 
     monkeypatch.setattr(graphs, "CapturedLoop", FakeLoop)
-    monkeypatch.setattr(op.torch.compiler, "is_compiling", lambda: False)
     graphs.clear()
     head, w, plan, inputs = _loop_inputs("flow", op.GUIDE_NONE, False, None)
     x = inputs[0]
