@@ -12,7 +12,7 @@ Parameters, buffers and the state dict are never touched. What changes:
 | ``attention``     | ``*.blocks.N.attn`` with the training mask | SDPA over a dense N x N mask   | ``group_causal_attention`` on the frame ids |
 | ``attention``     | ``*.blocks.N.attn`` unmasked / KV cache  | SDPA                             | dense path of ``group_causal_attention`` (flash-attn on a GPU where installed) |
 | ``modulate``      | ``video_encoder.mixer``                  | ``x0 * (1 + scale) + shift``     | ``modulate(normalize=False)`` on the projection's chunks |
-| ``modulate`` / ``residual_norm`` | ``image_decoder.blocks.N`` / ``.norm`` | AdaLN-Zero, gated residual | ``modulate``, ``residual_norm(gate=)`` |
+| ``modulate`` / ``residual_norm`` | ``AdaLNZero.modulate``, ``DiffusionBlock.residual`` of the head | AdaLN-Zero, gated residual | ``modulate``, ``residual_norm(gate=)`` |
 | ``denoise_tokens``| per AR step, the K-step head loop        | head on the whole canvas, K x    | ``denoise_tokens`` on the predicted tokens (CUDA graphs on a GPU) |
 | ``spatial_read``  | the spatial encoder's last block         | every token                      | queries, MLP and final norm only at the tokens the head reads |
 | ``pos_embed_table`` | ``image_encoder.add_pos_embed``        | sin-cos table built per call     | the table built once per (width, grid, device, dtype) |
@@ -326,18 +326,16 @@ def unit_stride_rows(x):
 
 
 @_scoped
-def adaln_zero(self, x, cond):
-    """LN(x) * (1 + scale) + shift in one pass; the statistics are chunks of one projection."""
-    stats = self.proj(F.silu(cond)).chunk(self.num_stats, dim=-1)
-    return modulate(unit_stride_rows(x), stats[0], stats[1], eps=self.eps), stats[2:]
+def adaln_modulate(self, x, scale, shift):
+    """AdaLNZero.modulate: LN(x) * (1 + scale) + shift in one pass."""
+    return modulate(unit_stride_rows(x), scale, shift, eps=self.eps)
 
 
 @_scoped
-def head_block(self, x, cond):
-    x = unit_stride_rows(x)
-    h, (gate,) = self.norm1(x, cond)
+def head_residual(self, x, y, gate):
+    """DiffusionBlock.residual: x + gate * LN(y) in one pass."""
     w, b, eps = _norm_args(self.norm2)
-    return residual_norm(x, self.proj(h), w, b, gate=gate, eps=eps)
+    return residual_norm(unit_stride_rows(x), y, w, b, gate=gate, eps=eps)
 
 
 @_scoped
@@ -462,9 +460,9 @@ PATCHES = (
     Patch("spatial_read", "", "spatial_features", spatial_features, optional=True),
     Patch("pos_embed_table", "image_encoder", "add_pos_embed", add_pos_embed, optional=True),
     Patch("modulate", "video_encoder.mixer", "forward", video_mixer, optional=True),
-    Patch("modulate", "image_decoder.blocks[].norm1", "forward", adaln_zero),
-    Patch("modulate", "image_decoder.norm", "forward", adaln_zero),
-    Patch("residual_norm", "image_decoder.blocks[]", "forward", head_block),
+    Patch("modulate", "image_decoder.blocks[].norm1", "modulate", adaln_modulate),
+    Patch("modulate", "image_decoder.norm", "modulate", adaln_modulate),
+    Patch("residual_norm", "image_decoder.blocks[]", "residual", head_residual),
     Patch("denoise_tokens", "image_decoder", "forward", head_forward),
     Patch("denoise_tokens", "", "denoise_step_tokens", denoise_step_tokens, optional=True),
     Patch("token_canvas", "", "new_frame_canvas", new_frame_canvas, optional=True),
@@ -497,6 +495,8 @@ def _applies(model, patch: Patch, obj) -> str | None:
     """None when the patch applies to ``obj``, else why it is skipped."""
     if patch.where == "" and not callable(getattr(type(model), patch.method, None)):
         return f"{type(model).__name__} has no {patch.method}() (not a nova_fast.reference model)"
+    if not callable(getattr(type(obj), patch.method, None)):  # only methods the class has are replaced
+        return f"{type(obj).__name__} has no {patch.method}() (not a nova_fast.reference module)"
     if patch.replacement is add_pos_embed and not _has_pos_table(obj):
         return "the spatial encoder has no add_pos_embed / base_size"
     return None
