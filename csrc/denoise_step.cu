@@ -1,5 +1,5 @@
 // denoise_step.cu: fused guidance + scheduler step of the diffusion-head loop (CUDA C++ twin of
-// kernels/denoise_step.py; the math is stated there and in nova_fast/ops/denoise_tokens.py).
+// kernels/denoise_step.py; the math is stated there and in nova_fast/ops/denoise_step.py).
 //
 // out holds the head's m passes stacked on the batch axis (pass j at j * pass_stride, with
 // pass_stride = num_groups * group_stride); x, noise and new_x hold num_groups * group_stride
