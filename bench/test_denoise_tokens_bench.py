@@ -1,6 +1,6 @@
 """Benchmark: nova_fast.denoise_tokens vs the full-canvas denoise loop (one AR step's K steps).
 
-Sizes from issue 7: the osp480 head (mlp_d3w1280, condition width 1024, patch 2, 4 channels),
+Sizes: the osp480 head (mlp_d3w1280, condition width 1024, patch 2, 4 channels),
 a 60x96 latent canvas (L = 1440 tokens), batch 1 with 2x guidance (cfg 5), K = 25 DDPM steps,
 n in {8, 22, 64, 180} predicted tokens, fp32. Implementations: ``reference`` (the loop as the
 spec states it: full-canvas patch embedding, condition projection every step, guidance and the

@@ -1,6 +1,6 @@
 """Benchmark: nova_fast.group_causal_attention vs NOVA's dense additive mask and FlexAttention.
 
-Shapes from issue 4 (fp32, forward, B=1, H=16, D=64):
+Shapes of the released video model's attention (fp32, forward, B=1, H=16, D=64):
 - temporal training: prefix 258 + 9 frames x 360 = 3498 tokens, block-causal (``frame_groups``);
 - spatial random sets: prefix 360 + 1440 tokens in 64 random sets (``random_set_groups``, unsorted).
 A third, non-quick case times forward + backward on the temporal shape.

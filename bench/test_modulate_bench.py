@@ -1,6 +1,6 @@
 """Benchmark: nova_fast.modulate vs the eager composition ``F.layer_norm(x) * (1 + scale) + shift``.
 
-Sizes from issue 8: (B*L, D) = (4096, 1280) and (2*1800, 1024), fp32, forward, statistics per token
+Sizes of the released heads and encoders: (B*L, D) = (4096, 1280) and (2*1800, 1024), fp32, forward, statistics per token
 as NOVA feeds them (chunks of one (B, L, 3D) adaLN projection, read in place); plus the video mixer
 (no norm, chunks of a (B, L, 2D) projection). Implementations: ``eager``, ``torch`` (the backend:
 on CPU the one-pass kernel of csrc/cpu/adaln.cpp), and ``triton`` / ``cuda`` where a GPU is present.

@@ -1,6 +1,6 @@
 """Benchmark: nova_fast.residual_norm vs the eager composition ``x + gate * F.layer_norm(y, w, b)``.
 
-Sizes from issue 8: (B*L, D) = (4096, 1280) and (2*1800, 1024), fp32, forward. The gated form is the
+Sizes of the released heads and encoders: (B*L, D) = (4096, 1280) and (2*1800, 1024), fp32, forward. The gated form is the
 diffusion-head residual (gate per token, the third chunk of a (B, L, 3D) adaLN projection, read in
 place); the ungated form is the encoders' post-norm residual. Implementations: ``eager``, ``torch``
 (on CPU the one-pass kernel of csrc/cpu/adaln.cpp), ``torch_inplace`` (inplace=True), and ``triton`` /

@@ -1,5 +1,5 @@
 // denoise_step.cu: fused guidance + scheduler step of the diffusion-head loop (CUDA C++ twin of
-// kernels/denoise_step.py; the math is stated there and in nova_fast/ops/denoise_tokens.py).
+// kernels/denoise_step.py; the math is stated there and in nova_fast/ops/denoise_step.py).
 //
 // out holds the head's m passes stacked on the batch axis (pass j at j * pass_stride, with
 // pass_stride = num_groups * group_stride); x, noise and new_x hold num_groups * group_stride
@@ -15,6 +15,7 @@
 
 namespace {
 
+// guidance modes: the values of nova_fast/guidance_modes.py (tests/test_guidance_modes.py checks them)
 constexpr int kGuideNone = 0, kGuideCfg = 1, kGuideImage = 2, kGuideStg = 3;
 constexpr int kWarpGroupMax = 256;  // groups up to this length get one warp each
 constexpr int kBlockThreads = 256;

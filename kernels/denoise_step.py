@@ -28,11 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from nova_fast.guidance_modes import GuideMode
 from nova_fast.testing.triton_aot import AotSpec
 
-GUIDE_NONE, GUIDE_CFG, GUIDE_IMAGE, GUIDE_STG = 0, 1, 2, 3
-PASSES = {GUIDE_NONE: 1, GUIDE_CFG: 2, GUIDE_IMAGE: 3, GUIDE_STG: 3}
-COEF_COLUMNS = 8
+# the guidance modes (values from nova_fast.guidance_modes) as compile-time constants of the kernels
+GUIDE_NONE, GUIDE_CFG, GUIDE_IMAGE, GUIDE_STG = (tl.constexpr(mode.value) for mode in GuideMode)
 
 
 @triton.jit
@@ -41,12 +41,12 @@ def _first_stage(out_ptr, offs, mask, pass_stride, s, GUIDE: tl.constexpr):
     # out_ptr + j * pass_stride: reached by adding pass_stride to the pointer j times, never by an
     # i32 product that overflows once 2 * pass_stride >= 2^31.
     o0 = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if GUIDE == 0:
+    if GUIDE == GUIDE_NONE:
         g1 = o0
     else:
         out1_ptr = out_ptr + pass_stride
         o1 = tl.load(out1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if GUIDE == 2:
+        if GUIDE == GUIDE_IMAGE:
             o2 = tl.load(out1_ptr + pass_stride + offs, mask=mask, other=0.0).to(tl.float32)
             g1 = o1 + (o0 - o2) * s
         else:
@@ -70,12 +70,12 @@ def _apply_tile(out_ptr, x_ptr, noise_ptr, new_x_ptr, offs, mask, pass_stride, s
     o0, g = _first_stage(out_ptr, offs, mask, pass_stride, s, GUIDE)
     if RENORM:
         g = g * factor
-    if GUIDE == 2:
+    if GUIDE == GUIDE_IMAGE:
         out1_ptr = out_ptr + pass_stride
         o1 = tl.load(out1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         o2 = tl.load(out1_ptr + pass_stride + offs, mask=mask, other=0.0).to(tl.float32)
         g = g + (o2 - o1) * s2
-    if GUIDE == 3:
+    if GUIDE == GUIDE_STG:
         o2 = tl.load(out_ptr + pass_stride + pass_stride + offs, mask=mask, other=0.0).to(tl.float32)
         g = g + (o0 - o2) * s2
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -265,9 +265,9 @@ def _spec(dtype: str, guide: int, renorm: bool, noise: bool, groups: int, block:
            "coef_ptr": "*fp32", "scales_ptr": "*fp32", "step": "i32", "num_groups": "i32", "group_len": "i32",
            "group_stride": "i32", "pass_stride": "i32", "GUIDE": "constexpr", "RENORM": "constexpr",
            "HAS_NOISE": "constexpr", "GROUPS": "constexpr", "BLOCK": "constexpr"}
-    consts = {"GUIDE": guide, "RENORM": renorm, "HAS_NOISE": noise, "GROUPS": groups, "BLOCK": block}
+    consts = {"GUIDE": int(guide), "RENORM": renorm, "HAS_NOISE": noise, "GROUPS": groups, "BLOCK": block}
     return AotSpec("guided_step_kernel", sig, consts,
-                   label=f"guided_step {dtype} guide={guide} renorm={int(renorm)} noise={int(noise)} {groups}x{block}")
+                   label=f"guided_step {dtype} guide={int(guide)} renorm={int(renorm)} noise={int(noise)} {groups}x{block}")
 
 
 def _split_spec(dtype: str, guide: int, renorm: bool, noise: bool) -> AotSpec:
@@ -275,39 +275,39 @@ def _split_spec(dtype: str, guide: int, renorm: bool, noise: bool) -> AotSpec:
            "coef_ptr": "*fp32", "scales_ptr": "*fp32", "partial_ptr": "*fp32", "step": "i32", "group_len": "i32",
            "group_stride": "i32", "pass_stride": "i32", "chunks": "i32", "GUIDE": "constexpr", "RENORM": "constexpr",
            "HAS_NOISE": "constexpr", "CHUNK": "constexpr", "BLOCK": "constexpr", "PARTS": "constexpr"}
-    consts = {"GUIDE": guide, "RENORM": renorm, "HAS_NOISE": noise, "CHUNK": SPLIT_CHUNK, "BLOCK": TILE,
+    consts = {"GUIDE": int(guide), "RENORM": renorm, "HAS_NOISE": noise, "CHUNK": SPLIT_CHUNK, "BLOCK": TILE,
               "PARTS": PARTS}
     return AotSpec("guided_step_split_kernel", sig, consts,
-                   label=f"guided_step_split {dtype} guide={guide} renorm={int(renorm)} noise={int(noise)}")
+                   label=f"guided_step_split {dtype} guide={int(guide)} renorm={int(renorm)} noise={int(noise)}")
 
 
 def _partials_spec(dtype: str, guide: int) -> AotSpec:
     sig = {"out_ptr": f"*{dtype}", "scales_ptr": "*fp32", "partial_ptr": "*fp32", "group_len": "i32",
            "group_stride": "i32", "pass_stride": "i32", "chunks": "i32", "GUIDE": "constexpr", "CHUNK": "constexpr",
            "BLOCK": "constexpr"}
-    return AotSpec("renorm_partials_kernel", sig, {"GUIDE": guide, "CHUNK": SPLIT_CHUNK, "BLOCK": TILE},
-                   label=f"renorm_partials {dtype} guide={guide}")
+    return AotSpec("renorm_partials_kernel", sig, {"GUIDE": int(guide), "CHUNK": SPLIT_CHUNK, "BLOCK": TILE},
+                   label=f"renorm_partials {dtype} guide={int(guide)}")
 
 
 AOT_SPECS = [
     # per-token groups of P = 64 (osp480) for each dtype, plain cfg + DDPM noise and cfg + renorm
-    *(_spec(dt, GUIDE_CFG, False, True, 8, 64) for dt in ("fp32", "fp16", "bf16")),
-    *(_spec(dt, GUIDE_CFG, True, False, 8, 64) for dt in ("fp32", "fp16", "bf16")),
+    *(_spec(dt, GuideMode.CFG, False, True, 8, 64) for dt in ("fp32", "fp16", "bf16")),
+    *(_spec(dt, GuideMode.CFG, True, False, 8, 64) for dt in ("fp32", "fp16", "bf16")),
     # third pass (image / spatiotemporal guidance) with renorm and noise, fp16
-    _spec("fp16", GUIDE_IMAGE, True, True, 8, 64),
-    _spec("fp16", GUIDE_STG, True, True, 8, 64),
+    _spec("fp16", GuideMode.IMAGE, True, True, 8, 64),
+    _spec("fp16", GuideMode.STG, True, True, 8, 64),
     # no guidance (or after truncation), flow
-    _spec("fp32", GUIDE_NONE, False, False, 8, 64),
+    _spec("fp32", GuideMode.NONE, False, False, 8, 64),
     # per-sample renorm groups up to SPLIT_CHUNK: one group per program, looped in 512-element tiles
-    _spec("fp32", GUIDE_CFG, True, True, 1, 512),
-    _spec("bf16", GUIDE_STG, True, True, 1, 512),
+    _spec("fp32", GuideMode.CFG, True, True, 1, 512),
+    _spec("bf16", GuideMode.STG, True, True, 1, 512),
     # per-sample groups (n * P) longer than SPLIT_CHUNK: chunked over programs, for each dtype
-    *(_split_spec(dt, GUIDE_CFG, True, True) for dt in ("fp32", "fp16", "bf16")),
-    *(_split_spec(dt, GUIDE_CFG, False, True) for dt in ("fp32", "fp16", "bf16")),
-    _split_spec("fp16", GUIDE_IMAGE, True, True),
-    _split_spec("bf16", GUIDE_STG, True, False),
-    _split_spec("fp32", GUIDE_NONE, False, False),
-    *(_partials_spec(dt, GUIDE_CFG) for dt in ("fp32", "fp16", "bf16")),
-    _partials_spec("fp16", GUIDE_IMAGE),
-    _partials_spec("bf16", GUIDE_STG),
+    *(_split_spec(dt, GuideMode.CFG, True, True) for dt in ("fp32", "fp16", "bf16")),
+    *(_split_spec(dt, GuideMode.CFG, False, True) for dt in ("fp32", "fp16", "bf16")),
+    _split_spec("fp16", GuideMode.IMAGE, True, True),
+    _split_spec("bf16", GuideMode.STG, True, False),
+    _split_spec("fp32", GuideMode.NONE, False, False),
+    *(_partials_spec(dt, GuideMode.CFG) for dt in ("fp32", "fp16", "bf16")),
+    _partials_spec("fp16", GuideMode.IMAGE),
+    _partials_spec("bf16", GuideMode.STG),
 ]

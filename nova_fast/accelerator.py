@@ -1,26 +1,27 @@
 """``nova_fast.accelerate(model)``: swap a NOVA model's hot paths for nova_fast's fused ops, in place.
 
-The model is found by the released module names (NOVA_SPEC.md section 5), not by class: every
-module that carries those names is patched with an instance attribute that computes the same math
-through an op, and ``restore(model)`` deletes those attributes again. Parameters, buffers and the
-state dict are never touched. What changes:
+The model is found by the released module names (docs/nova.md, "Weight names"), not by class:
+``PATCHES`` below lists every replacement, one line each: the feature flag it belongs to, where
+it goes (released module path), which method it replaces and with what. Each becomes an instance
+attribute computing the same math through an op; ``restore(model)`` deletes them again.
+Parameters, buffers and the state dict are never touched. What changes:
 
-| where (released names)                              | reference                       | accelerated |
-|-----------------------------------------------------|---------------------------------|-------------|
-| ``{video,image}_encoder.blocks.N``                  | ``x + LN(f(x))``, 3 passes each | ``residual_norm`` |
-| ``*.blocks.N.attn`` with the training mask          | SDPA over a dense N x N mask    | ``group_causal_attention`` on the frame ids |
-| ``*.blocks.N.attn`` unmasked / KV cache             | SDPA                            | dense path of ``group_causal_attention`` (flash-attn on a GPU where installed) |
-| ``video_encoder.mixer``                             | ``x0 * (1 + scale) + shift``    | ``modulate(normalize=False)`` on the projection's chunks |
-| ``image_decoder.blocks.N`` / ``image_decoder.norm`` | AdaLN-Zero, gated residual      | ``modulate``, ``residual_norm(gate=)`` |
-| per AR step, the K-step head loop                   | head on the whole canvas, K x   | ``denoise_tokens`` on the predicted tokens (CUDA graphs on a GPU) |
-| the spatial encoder's last block                    | every token                     | queries, MLP and final norm only at the tokens the head reads |
-| ``image_encoder.add_pos_embed``                     | sin-cos table built per call    | the table built once per (width, grid, device, dtype) |
-| the AR loop of a frame (``generate_frame``)         | canvas image rebuilt per AR step | canvas kept as tokens, predicted tokens written in place |
+| feature           | where (released names)                   | reference                        | accelerated |
+|-------------------|------------------------------------------|----------------------------------|-------------|
+| ``residual_norm`` | ``{video,image}_encoder.blocks.N``       | ``x + LN(f(x))``, 3 passes each  | ``residual_norm`` |
+| ``attention``     | ``*.blocks.N.attn`` with the training mask | SDPA over a dense N x N mask   | ``group_causal_attention`` on the frame ids |
+| ``attention``     | ``*.blocks.N.attn`` unmasked / KV cache  | SDPA                             | dense path of ``group_causal_attention`` (flash-attn on a GPU where installed) |
+| ``modulate``      | ``video_encoder.mixer``                  | ``x0 * (1 + scale) + shift``     | ``modulate(normalize=False)`` on the projection's chunks |
+| ``modulate`` / ``residual_norm`` | ``AdaLNZero.modulate``, ``DiffusionBlock.residual`` of the head | AdaLN-Zero, gated residual | ``modulate``, ``residual_norm(gate=)`` |
+| ``denoise_tokens``| per AR step, the K-step head loop        | head on the whole canvas, K x    | ``denoise_tokens`` on the predicted tokens (CUDA graphs on a GPU) |
+| ``spatial_read``  | the spatial encoder's last block         | every token                      | queries, MLP and final norm only at the tokens the head reads |
+| ``pos_embed_table`` | ``image_encoder.add_pos_embed``        | sin-cos table built per call     | the table built once per (width, grid, device, dtype) |
+| ``token_canvas``  | the frame being generated                | latent image rebuilt per AR step | kept as tokens, predicted tokens written in place |
 
-The head loop, the last block, the frame loop (and the mask) hook the model-level methods of
-``nova_fast.reference.NOVAModel`` (``denoise_step_tokens``, ``spatial_features``, ``generate_frame``,
-``temporal_attention_mask``) where the model has them; a model with only the released module
-layout gets the module-level patches.
+The frame loop itself is the reference's ``NOVAModel.generate_frame``; the accelerated model
+changes it only through its hook points (``new_frame_canvas``, ``spatial_features``,
+``denoise_step_tokens``, and ``temporal_attention_mask`` for training). A model with only the
+released module layout gets the module-level patches and the report names the missing hooks.
 
 Backend: ``backend="auto"`` leaves each op's choice to ``nova_fast.backends`` (auto / set_backend /
 NOVA_FAST_BACKEND). An explicit backend runs every op that implements it on it, while the model
@@ -37,10 +38,12 @@ being predicted, which ``denoise_tokens`` never touches; that AR step runs the r
 """
 from __future__ import annotations
 
+import contextvars
 import functools
-import threading
 import types
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +81,10 @@ class OfficialModelUnsupported(LayoutMismatch):
     signatures, norms or KV-cache protocol, which the patches do not implement (docs/official_layout.md)."""
 
 
-# Methods of nova_fast.reference.NOVAModel that accelerate() replaces on a model that has them.
-_PATCHED_MODEL_METHODS = ("temporal_attention_mask", "spatial_features", "denoise_step_tokens", "generate_frame",
-                          "generate_video", "training_losses")
+def _model_methods_relied_on() -> tuple:
+    """Methods of nova_fast.reference.NOVAModel the acceleration depends on: the model-level entries
+    of PATCHES, and generate_frame, the reference frame loop that calls those hooks."""
+    return ("generate_frame", *(p.method for p in PATCHES if p.where == ""))
 
 
 def _param_names(fn) -> list:
@@ -150,13 +154,13 @@ def official_layout_differences(model: torch.nn.Module) -> list:
                      f"the patch reads .eps on the AdaLN module itself")
     from nova_fast.reference.model import NOVAModel
 
-    for name in _PATCHED_MODEL_METHODS:
+    for name in _model_methods_relied_on():
         mine, ref = getattr(type(model), name, None), getattr(NOVAModel, name)
         if callable(mine) and mine is not ref:
             have, want = _param_names(mine), _param_names(ref)
             if [p for p in want if p not in have]:
                 found.append(f"{type(model).__name__}.{name}{tuple(have)} differs from nova_fast's "
-                             f"{name}{tuple(want)}, which accelerate() would put in its place")
+                             f"{name}{tuple(want)}, which the accelerated model relies on")
     return found
 
 
@@ -195,7 +199,7 @@ def _get(obj, path: str, root: str):
         walked += name
         if getattr(obj, name, None) is None:
             raise LayoutMismatch(f"accelerate: the model has no {walked!r}: not the released NOVA layout "
-                                 f"(expected the module names of NOVA_SPEC.md section 5)")
+                                 f"(expected the module names of docs/nova.md section 6)")
         obj = getattr(obj, name)
         walked += "."
     return obj
@@ -223,22 +227,24 @@ def check_layout(model: torch.nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------
 # Backend scope: the accelerated model's ops run on its backend while any patched method runs
 # ------------------------------------------------------------------------------------------------
-_depth = threading.local()
+_active_choice: contextvars.ContextVar = contextvars.ContextVar("nova_fast_accelerated_backends", default=None)
 
 
 def _scoped(fn):
-    """Run ``fn(self, ...)`` under the model's per-op backend choices (entered once per call tree)."""
+    """Run ``fn(self, ...)`` under the model's per-op backend choices, which live on the patched
+    objects (``STATE + "_backends"``) and are entered once per call tree, for this thread or task
+    only (``backends.use_backends``): two accelerated models on two threads keep their own."""
     @functools.wraps(fn)
     def run(self, *args, **kwargs):
-        per_op = getattr(self, STATE + "_backends", None)
-        if not per_op or getattr(_depth, "n", 0):
+        per_op = self.__dict__.get(STATE + "_backends")
+        if not per_op or _active_choice.get() is per_op:
             return fn(self, *args, **kwargs)
-        _depth.n = 1
+        token = _active_choice.set(per_op)
         try:
             with backends.use_backends(per_op):
                 return fn(self, *args, **kwargs)
         finally:
-            _depth.n = 0
+            _active_choice.reset(token)
     return run
 
 
@@ -363,7 +369,7 @@ def spatial_encoder(self, tokens, prefix=None, known_ids=None, rope_pos=None, re
     blocks = self.blocks[self.encoder_depth:]
     for blk in blocks[:-1]:
         h = blk(h, rope=rope)
-    h = blocks[-1](h, rope=rope, read_rows=read_ids + P)
+    h = encoder_block(blocks[-1], h, rope=rope, read_rows=read_ids + P)
     return self.norm(h)
 
 
@@ -422,18 +428,16 @@ def unit_stride_rows(x):
 
 
 @_scoped
-def adaln_zero(self, x, cond):
-    """LN(x) * (1 + scale) + shift in one pass; the statistics are chunks of one projection."""
-    stats = self.proj(F.silu(cond)).chunk(self.num_stats, dim=-1)
-    return modulate(unit_stride_rows(x), stats[0], stats[1], eps=self.eps), stats[2:]
+def adaln_modulate(self, x, scale, shift):
+    """AdaLNZero.modulate: LN(x) * (1 + scale) + shift in one pass."""
+    return modulate(unit_stride_rows(x), scale, shift, eps=self.eps)
 
 
 @_scoped
-def head_block(self, x, cond):
-    x = unit_stride_rows(x)
-    h, (gate,) = self.norm1(x, cond)
+def head_residual(self, x, y, gate):
+    """DiffusionBlock.residual: x + gate * LN(y) in one pass."""
     w, b, eps = _norm_args(self.norm2)
-    return residual_norm(x, self.proj(h), w, b, gate=gate, eps=eps)
+    return residual_norm(unit_stride_rows(x), y, w, b, gate=gate, eps=eps)
 
 
 @_scoped
@@ -455,65 +459,50 @@ def canvas_renorm(guidance) -> bool:
 
 @_scoped
 def denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator=None):
-    """NOVAModel.denoise_step_tokens through denoise_tokens: (B, L, P) canvas tokens, zero except at
-    the predicted positions (the caller keeps only those)."""
+    """NOVAModel.denoise_step_tokens through denoise_tokens: the denoised predicted tokens (B, n, P),
+    as one call of the head module (profiling hooks see the head stage once per AR step)."""
     if canvas_renorm(guidance):
         backends.record("denoise_tokens", "torch", "accelerate: renorm over the whole canvas is not token-local: "
                         "reference loop")
         return type(self).denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator)
-    B = noise.shape[0]
-    tokens = self.image_decoder(noise, None, z, pred_ids, denoise=dict(
+    return self.image_decoder(noise, None, z, pred_ids, denoise=dict(
         scheduler=scheduler, guidance=guidance, generator=generator,
         cuda_graphs=self.__dict__[STATE]["cuda_graphs"]))
-    L = (noise.shape[-2] // self.patch) * (noise.shape[-1] // self.patch)
-    canvas = tokens.new_zeros(B, L, tokens.shape[-1])
-    return canvas.scatter_(1, pred_ids[:B].unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
+
+
+class TokenCanvas:
+    """Stands in for ``nova_fast.reference.model.ImageCanvas`` (same three methods): the frame kept
+    as tokens (B, L, p*p*C), so the patch embedding is one GEMM on the tokens, each AR step writes
+    its predicted tokens and the known mask in place (the reference rebuilds canvas-sized tensors
+    around every step), and one unpatchify happens at the end."""
+
+    def __init__(self, model, batch: int):
+        c = model.config
+        dev, dtype = model.device, model.dtype
+        self.patch, self.shape = model.patch, (batch, c.image_dim, *c.latent_size)
+        self.tokens = torch.zeros(batch, c.spatial_tokens, model.patch * model.patch * c.image_dim, device=dev,
+                                  dtype=dtype)
+        self.known = torch.zeros(batch, c.spatial_tokens, 1, dtype=torch.bool, device=dev)
+        conv = model.image_encoder.patch_embed.proj
+        self.embed_w, self.embed_b = patch_embed_matrix(conv), conv.bias
+        self.mask_token = model.mask_embed.mask_token.to(dtype)
+        self.rows, self.written = batch_rows(batch, dev), torch.ones((), dtype=torch.bool, device=dev)
+
+    def encoder_tokens(self) -> torch.Tensor:
+        return torch.where(self.known, F.linear(self.tokens, self.embed_w, self.embed_b), self.mask_token)
+
+    def write(self, pred_ids, tokens) -> None:
+        # each token is predicted once, so it lands on zeros: writing equals the reference's sum
+        self.tokens.index_put_((self.rows, pred_ids), tokens)
+        self.known.index_put_((self.rows, pred_ids), self.written)
+
+    def image(self) -> torch.Tensor:
+        return unpatchify(self.tokens, self.patch, self.shape)
 
 
 @_scoped
-def generate_frame(self, prefix, schedule, state, scheduler, guidance, generator=None):
-    """NOVAModel.generate_frame with the canvas kept as tokens (B, L, p*p*C): the patch embedding
-    is one GEMM on the tokens, each AR step writes its predicted tokens and the known mask in place
-    (the reference rebuilds canvas-sized tensors around every step), one unpatchify at the end.
-    The RNG draws are the reference's, in its order: the token order once per video, one
-    canvas-shaped normal per AR step, the DDPM draws inside ``denoise_tokens``. Canvas-scoped renorm
-    runs the reference loop (see ``denoise_step_tokens``)."""
-    if canvas_renorm(guidance):
-        return type(self).generate_frame(self, prefix, schedule, state, scheduler, guidance, generator)
-    c = self.config
-    B, m = state["batch"], guidance.passes
-    H, W = c.latent_size
-    L, dev, dtype = c.spatial_tokens, self.device, self.dtype
-    shape = (B, c.image_dim, H, W)
-    canvas = torch.zeros(B, L, self.patch * self.patch * c.image_dim, device=dev, dtype=dtype)
-    noise = torch.empty(shape, device=dev, dtype=dtype)
-    known = torch.zeros(B, L, 1, dtype=torch.bool, device=dev)
-    known_ids = torch.zeros(B, 0, dtype=torch.long, device=dev)
-    rope_pos = self.spatial_rope_pos(m * B)
-    conv = self.image_encoder.patch_embed.proj
-    embed_w, embed_b = patch_embed_matrix(conv), conv.bias
-    mask_token = self.mask_embed.mask_token.to(dtype)
-    rows, written = batch_rows(B, dev), torch.ones((), dtype=torch.bool, device=dev)
-    denoise = dict(scheduler=scheduler, guidance=guidance, generator=generator,
-                   cuda_graphs=self.__dict__[STATE]["cuda_graphs"])
-    pos = 0
-    for n in schedule:
-        if state.get("order") is None:  # once per video, with the caller's generator
-            u = torch.empty(B, L, 1, device=dev, dtype=dtype).uniform_(generator=generator)
-            state["order"] = u.argsort(dim=1).squeeze(-1)
-        pred_ids = state["order"][:, pos:pos + n]
-        pos += n
-        tokens = torch.where(known, F.linear(canvas, embed_w, embed_b), mask_token)
-        ids_m = self.expand_passes(pred_ids, m)
-        z = self.spatial_features(self.expand_passes(tokens, m), prefix, self.expand_passes(known_ids, m),
-                                  rope_pos, ids_m)
-        noise.normal_(generator=generator)
-        # the predicted tokens land on zeros (each token is predicted once): writing them equals the
-        # reference's canvas + sample * write
-        canvas.index_put_((rows, pred_ids), self.image_decoder(noise, None, z, ids_m, denoise=denoise))
-        known.index_put_((rows, pred_ids), written)
-        known_ids = torch.cat([known_ids, pred_ids], dim=1)
-    return unpatchify(canvas, self.patch, shape)
+def new_frame_canvas(self, batch):
+    return TokenCanvas(self, batch)
 
 
 @_scoped
@@ -543,17 +532,94 @@ def _model_device(model) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def accelerate(model: torch.nn.Module, *, backend: str = "auto", cuda_graphs: bool = True) -> torch.nn.Module:
+@dataclass(frozen=True)
+class Patch:
+    """One replacement: on every module at ``where`` (released names; ``[]`` = each block of that
+    list; ``""`` = the model itself), the method ``method`` becomes ``replacement`` (an instance
+    attribute, deleted again by ``restore``), when ``feature`` is on. ``optional``: a target that
+    is absent is skipped (and reported) instead of being a layout error."""
+
+    feature: str
+    where: str
+    method: str
+    replacement: Callable
+    optional: bool = False
+
+
+def _has_pos_table(encoder) -> bool:
+    return callable(getattr(encoder, "add_pos_embed", None)) and hasattr(encoder, "base_size")
+
+
+# What accelerate() replaces, where: one line per kernel. Model-level hooks are the methods of
+# nova_fast.reference.NOVAModel (a model without them keeps its own code there; the report says so).
+PATCHES = (
+    Patch("residual_norm", "video_encoder.blocks[]", "forward", encoder_block),
+    Patch("residual_norm", "image_encoder.blocks[]", "forward", encoder_block),
+    Patch("attention", "video_encoder.blocks[].attn", "attend", attend),
+    Patch("attention", "image_encoder.blocks[].attn", "attend", attend),
+    Patch("attention", "", "temporal_attention_mask", temporal_attention_mask, optional=True),
+    Patch("spatial_read", "image_encoder", "forward", spatial_encoder),
+    Patch("spatial_read", "", "spatial_features", spatial_features, optional=True),
+    Patch("pos_embed_table", "image_encoder", "add_pos_embed", add_pos_embed, optional=True),
+    Patch("modulate", "video_encoder.mixer", "forward", video_mixer, optional=True),
+    Patch("modulate", "image_decoder.blocks[].norm1", "modulate", adaln_modulate),
+    Patch("modulate", "image_decoder.norm", "modulate", adaln_modulate),
+    Patch("residual_norm", "image_decoder.blocks[]", "residual", head_residual),
+    Patch("denoise_tokens", "image_decoder", "forward", head_forward),
+    Patch("denoise_tokens", "", "denoise_step_tokens", denoise_step_tokens, optional=True),
+    Patch("token_canvas", "", "new_frame_canvas", new_frame_canvas, optional=True),
+    # no kernel: one backend scope for the whole call instead of one per patched method
+    Patch("backend_scope", "", "generate_video", generate_video, optional=True),
+    Patch("backend_scope", "", "training_losses", training_losses, optional=True),
+)
+FEATURES = tuple(dict.fromkeys(p.feature for p in PATCHES))
+
+
+def _targets(model, where: str) -> list[tuple[object, str]]:
+    """(object, its name) for every module at ``where``; absent parts give an empty list."""
+    found = [(model, "")]
+    for part in where.split(".") if where else []:
+        many = part.endswith("[]")
+        name = part[:-2] if many else part
+        nxt = []
+        for obj, path in found:
+            child = getattr(obj, name, None)
+            if child is None:
+                continue
+            base = f"{path}.{name}" if path else name
+            nxt += [(blk, f"{base}.{i}") for i, blk in enumerate(child)] if many else [(child, base)]
+        found = nxt
+    return found
+
+
+def _applies(model, patch: Patch, obj) -> str | None:
+    """None when the patch applies to ``obj``, else why it is skipped."""
+    if patch.where == "" and not callable(getattr(type(model), patch.method, None)):
+        return f"{type(model).__name__} has no {patch.method}() (not a nova_fast.reference model)"
+    if not callable(getattr(type(obj), patch.method, None)):  # only methods the class has are replaced
+        return f"{type(obj).__name__} has no {patch.method}() (not a nova_fast.reference module)"
+    if patch.replacement is add_pos_embed and not _has_pos_table(obj):
+        return "the spatial encoder has no add_pos_embed / base_size"
+    return None
+
+
+def accelerate(model: torch.nn.Module, *, backend: str = "auto", cuda_graphs: bool = True,
+               **features: bool) -> torch.nn.Module:
     """Patch ``model`` (a NOVA model with the released module layout) in place and return it.
 
     backend: "auto", "torch", "triton" or "cuda" (see the module docstring); cuda_graphs: replay the
-    per-AR-step denoising loop from CUDA graphs on a GPU. Calling it again re-applies it (e.g. with
-    another backend); ``restore(model)`` undoes it. Raises LayoutMismatch (naming the first missing
-    attribute), ValueError for an unknown backend, BackendUnavailable for one that cannot run here.
+    per-AR-step denoising loop from CUDA graphs on a GPU. ``features``: switch parts of ``PATCHES``
+    off by name (all on by default), e.g. ``accelerate(model, attention=False)``; names: FEATURES.
+    Calling it again re-applies it (e.g. with another backend); ``restore(model)`` undoes it.
+    Raises LayoutMismatch (naming the first missing attribute), ValueError for an unknown backend
+    or feature, BackendUnavailable for a backend that cannot run here.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     refuse_official_layout(model)
+    unknown = sorted(set(features) - set(FEATURES))
+    if unknown:
+        raise ValueError(f"accelerate: unknown feature(s) {unknown}; known: {', '.join(FEATURES)}")
     backends._check_name(backend)
     check_layout(model)
     per_op = _backend_map(backend, _model_device(model))
@@ -561,37 +627,23 @@ def accelerate(model: torch.nn.Module, *, backend: str = "auto", cuda_graphs: bo
 
     patched: list[tuple[object, str]] = []
     skipped: dict[str, str] = {}
-
-    def patch(obj, name, fn):
-        setattr(obj, name, types.MethodType(fn, obj))
-        setattr(obj, STATE + "_backends", per_op)  # every patched object knows its backends
-        patched.append((obj, name))
-
-    for encoder in (model.video_encoder, model.image_encoder):
-        for blk in encoder.blocks:
-            patch(blk, "forward", encoder_block)
-            patch(blk.attn, "attend", attend)
-    patch(model.image_encoder, "forward", spatial_encoder)
-    if callable(getattr(model.image_encoder, "add_pos_embed", None)) and hasattr(model.image_encoder, "base_size"):
-        patch(model.image_encoder, "add_pos_embed", add_pos_embed)
-    mixer = getattr(model.video_encoder, "mixer", None)
-    if mixer is not None:
-        patch(mixer, "forward", video_mixer)
-    head = model.image_decoder
-    for blk in head.blocks:
-        patch(blk, "forward", head_block)
-        patch(blk.norm1, "forward", adaln_zero)
-    patch(head.norm, "forward", adaln_zero)
-    patch(head, "forward", head_forward)
-    for name, fn in (("temporal_attention_mask", temporal_attention_mask), ("spatial_features", spatial_features),
-                     ("denoise_step_tokens", denoise_step_tokens), ("generate_frame", generate_frame),
-                     ("generate_video", generate_video),
-                     ("training_losses", training_losses)):
-        if callable(getattr(type(model), name, None)):
-            patch(model, name, fn)
-        else:
-            skipped[name] = f"{type(model).__name__} has no {name}() (not a nova_fast.reference model)"
+    for patch in PATCHES:
+        if not features.get(patch.feature, True):
+            skipped[f"{patch.where or '<model>'}.{patch.method}"] = f"feature {patch.feature!r} switched off"
+            continue
+        targets = _targets(model, patch.where)
+        if not targets and not patch.optional:
+            raise LayoutMismatch(f"accelerate: the model has no {patch.where!r}")
+        for obj, path in targets:
+            why = _applies(model, patch, obj)
+            if why is not None:
+                skipped[patch.method if patch.where == "" else f"{path}.{patch.method}"] = why
+                continue
+            setattr(obj, patch.method, types.MethodType(patch.replacement, obj))
+            setattr(obj, STATE + "_backends", per_op)  # every patched object knows its backends
+            patched.append((obj, patch.method))
     setattr(model, STATE, {"backend": backend, "per_op": dict(per_op), "cuda_graphs": bool(cuda_graphs),
+                           "features": {f: features.get(f, True) for f in FEATURES},
                            "patched": patched, "skipped": skipped})
     return model
 

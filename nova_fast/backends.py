@@ -4,7 +4,9 @@ Three backends exist: ``torch`` (pure PyTorch, runs everywhere), ``triton`` (Tri
 tensors, or on CPU tensors under ``TRITON_INTERPRET=1``) and ``cuda`` (the compiled ``nova_fast._C``
 extension, on CUDA tensors). The choice per op is, in order:
 
-1. a per-op or global choice from :func:`set_backend` / :func:`use_backend`,
+1. a per-op choice scoped to the running thread or task by :func:`use_backends` (what an
+   accelerated model runs under: two models on two threads keep their own choices),
+   then a per-op or global choice from :func:`set_backend` / :func:`use_backend`,
 2. the environment variable ``NOVA_FAST_BACKEND`` (``torch``, ``triton``, ``cuda`` or ``auto``),
 3. ``auto``: ``cuda`` if the extension is built and the tensors are on a GPU, then ``triton`` on a
    GPU, else ``torch``. The Triton interpreter is a test vehicle, so auto never picks it on CPU.
@@ -15,6 +17,7 @@ silently. Every dispatch is recorded, and :func:`backend_info` reports it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import importlib.util
 import os
@@ -28,6 +31,7 @@ _lock = threading.Lock()
 _global_choice: str | None = None
 _op_choice: dict[str, str] = {}
 _last_used: dict[str, tuple[str, str]] = {}
+_scoped_choice: contextvars.ContextVar = contextvars.ContextVar("nova_fast_scoped_backends", default={})
 _extension = None
 _extension_error: str | None = None
 
@@ -71,17 +75,21 @@ def use_backend(backend: str, op: str | None = None):
 
 @contextlib.contextmanager
 def use_backends(per_op: dict):
-    """Per-op choices {op: backend} for the duration of a block (what ``nova_fast.accelerate`` runs
-    a model under); restores the previous choices on exit."""
+    """Per-op choices {op: backend} for the duration of a block, in the current thread (or asyncio
+    task) only: what ``nova_fast.accelerate`` runs a model under. They beat ``set_backend`` and are
+    invisible to other threads; the previous scoped choices come back on exit."""
     for op, backend in per_op.items():
         _check_name(backend, f"backend for {op}")
-    with _lock:
-        saved = (_global_choice, dict(_op_choice))
-        _op_choice.update(per_op)
+    token = _scoped_choice.set({**_scoped_choice.get(), **per_op})
     try:
         yield
     finally:
-        _restore(saved)
+        _scoped_choice.reset(token)
+
+
+def scoped_backends() -> dict:
+    """The per-op choices of the innermost :func:`use_backends` block of this thread or task."""
+    return _scoped_choice.get()
 
 
 def _restore(saved) -> None:
@@ -94,6 +102,9 @@ def _restore(saved) -> None:
 
 def requested_backend(op: str) -> tuple[str, str]:
     """The backend asked for ``op`` and where the request came from."""
+    scoped = _scoped_choice.get()
+    if op in scoped:
+        return scoped[op], f"use_backends({{{op!r}: {scoped[op]!r}}}) (an accelerated model's backend)"
     with _lock:
         if op in _op_choice:
             return _op_choice[op], f"set_backend({_op_choice[op]!r}, op={op!r})"

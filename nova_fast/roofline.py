@@ -8,7 +8,7 @@ kernel launches an eager PyTorch implementation issues; then projects a time on 
     projected seconds per call = max(flops / peak_flops, bytes / hbm_bandwidth) + launches * per_launch
 
 summed over all calls. Defaults are H100 SXM figures (dense bf16 tensor ~790 TFLOP/s, HBM ~3.0 TB/s,
-4 us per launch). What the counts follow (NOVA_SPEC.md, section 3):
+4 us per launch). What the counts follow (docs/nova.md, section 3):
 
 * temporal encoder: one pass per latent frame with a KV cache; frame 0 also carries the text prefix
   (256 text + 2 motion tokens); queries = the frame's tokens, keys = prefix + frames so far;
@@ -550,7 +550,7 @@ def format_comparison(data: dict) -> str:
 # ---- configurations ----------------------------------------------------------------------------
 _ARCH = re.compile(r"(vit|mlp)_d(\d+)w(\d+)")
 
-# Facts from NOVA_SPEC.md section 1, used when nova_fast.reference is not importable.
+# Facts from docs/nova.md section 1, used when nova_fast.reference is not importable.
 SPEC_CONFIGS = {
     "osp480": dict(image_dim=4, image_size=(480, 768), image_stride=8, text_token_dim=2560, text_token_len=256,
                    video_base_size=(16, 15, 24), image_base_size=(30, 48), video_mixer_rank=24,
@@ -629,7 +629,7 @@ def load_shape(name: str) -> tuple[ModelShape, str]:
             pass    # a config without the released fields: the spec's table below still knows the preset
     if name not in SPEC_CONFIGS:
         raise ValueError(f"unknown configuration {name!r}; known here: {', '.join(SPEC_CONFIGS)}")
-    return shape_from_config(SPEC_CONFIGS[name], name), "NOVA_SPEC.md section 1 (built-in table)"
+    return shape_from_config(SPEC_CONFIGS[name], name), "docs/nova.md section 1 (built-in table)"
 
 
 def _config_fields(config):

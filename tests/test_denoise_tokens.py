@@ -1,11 +1,13 @@
 """denoise_tokens: parity with the full-canvas denoise loop at the predicted tokens, launch count,
 bucket padding, bad input, torch.compile of the fused step.
 
-The oracle below is the loop as NOVA_SPEC.md sections 2-3 state it: every step patch-embeds the
-whole canvas (guidance-expanded), gathers the predicted tokens, recomputes the time and condition
-embeddings, runs the head, combines guidance, scatters the result back into a canvas and steps
-the scheduler over the full canvas (DDPM: one canvas-shaped draw per step with t > 0). Its head
-uses the released parameter names, which is all denoise_tokens reads.
+The oracle below is the loop as docs/nova.md states it: every step patch-embeds the whole canvas
+(guidance-expanded), gathers the predicted tokens, recomputes the time and condition embeddings,
+runs the head, combines guidance, scatters the result back into a canvas and steps the scheduler
+over the full canvas with the scheduler's own ``step`` (DDPM: one canvas-shaped draw per step with
+t > 0). Its head uses the released parameter names, which is all denoise_tokens reads. The
+schedulers are nova_fast.reference's (checked by hand in test_reference_schedulers.py); every
+option they accept is run through both loops here.
 """
 import math
 
@@ -16,7 +18,9 @@ from torch import nn
 import nova_fast
 from conftest import HAS_GPU, assert_close
 from nova_fast.bench.case import count_dispatched_ops
+from nova_fast.ops import denoise_step as step_op
 from nova_fast.ops import denoise_tokens as op
+from nova_fast.reference import DDPMScheduler, FlowMatchEulerScheduler
 
 F = nn.functional
 
@@ -106,55 +110,6 @@ def to_canvas(tokens, p, shape):
     return tokens.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(shape)
 
 
-class FlowEuler:
-    def __init__(self, shift=3.0):
-        self.shift = shift
-
-    def set_timesteps(self, K):
-        warp = lambda s: self.shift * s / (1 + (self.shift - 1) * s)  # noqa: E731
-        sig = warp(torch.linspace(warp(torch.tensor(1.0)).item(), warp(torch.tensor(1e-3)).item(), K))
-        self.sigmas, self.timesteps = torch.cat([sig, torch.zeros(1)]), sig * 1000
-
-    def step(self, v, i, x, generator=None):
-        return x + (self.sigmas[i + 1] - self.sigmas[i]) * v
-
-
-class DDPM:
-    def __init__(self, prediction_type="epsilon", variance_type="fixed_small"):
-        t = torch.linspace(0, 1000, 1001, dtype=torch.float64)
-        ac = torch.cos(((t / 1000) + 0.008) / 1.008 * math.pi / 2) ** 2
-        self.betas = (1 - ac[1:] / ac[:-1]).clamp(0, 0.999).float()  # squaredcos_cap_v2
-        self.alphas = 1 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
-        self.prediction_type, self.variance_type = prediction_type, variance_type
-        self.timestep_spacing, self.steps_offset, self.num_train_timesteps = "leading", 0, 1000
-
-    def set_timesteps(self, K):
-        self.K = K
-        self.timesteps = (torch.arange(K) * (1000 // K)).flip(0) + self.steps_offset
-
-    def step(self, out, i, x, generator=None):
-        t = int(self.timesteps[i])
-        prev = t - 1000 // self.K
-        a_t = self.alphas_cumprod[t]
-        a_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
-        beta_t, beta_prev = 1 - a_t, 1 - a_prev
-        cur_beta = 1 - a_t / a_prev
-        if self.prediction_type == "epsilon":
-            x0 = (x - beta_t ** 0.5 * out) / a_t ** 0.5
-        elif self.prediction_type == "v_prediction":
-            x0 = a_t ** 0.5 * x - beta_t ** 0.5 * out
-        else:
-            x0 = out
-        mean = (a_prev ** 0.5 * cur_beta) / beta_t * x0 + (a_t / a_prev) ** 0.5 * beta_prev / beta_t * x
-        if t == 0:
-            return mean
-        variance = (beta_prev / beta_t * cur_beta).clamp(min=1e-20)
-        if self.variance_type == "fixed_large":
-            variance = cur_beta
-        return mean + variance ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
 class Guidance:
     def __init__(self, scale=5.0, trunc=0.0, renorm=1.0, image=0.0, stg=0.0):
         self.guidance_scale, self.guidance_trunc, self.guidance_renorm = scale, trunc, renorm
@@ -233,9 +188,17 @@ def make_inputs(head, n, guidance, B=2, canvas_hw=(24, 32), dtype=torch.float32,
     return z, canvas, ids, ids.repeat(m, 1)
 
 
-def make_scheduler(kind, K=25):
-    s = {"flow": lambda: FlowEuler(), "ddpm": lambda: DDPM(), "ddpm_v": lambda: DDPM("v_prediction"),
-         "ddpm_large": lambda: DDPM(variance_type="fixed_large")}[kind]()
+# the DDPM of the released video model's config; tests vary one option at a time from it
+DDPM_BASE = dict(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", variance_type="fixed_small",
+                 timestep_spacing="leading", steps_offset=0, clip_sample=False)
+
+
+def make_scheduler(kind, K=25, **options):
+    if kind == "flow":
+        s = FlowMatchEulerScheduler(**{"shift": 3.0, **options})
+    else:
+        s = DDPMScheduler(**{**DDPM_BASE, **{"ddpm": {}, "ddpm_v": dict(prediction_type="v_prediction"),
+                                             "ddpm_large": dict(variance_type="fixed_large")}[kind], **options})
     s.set_timesteps(K)
     return s
 
@@ -248,11 +211,22 @@ GUIDANCE = {
     "image": lambda: Guidance(4.0, renorm=0.7, image=1.5),
     "stg": lambda: Guidance(4.0, stg=1.2),
 }
+# the other combinations of the guidance fields (each variant's parity is in EXTRA_GUIDANCE's test)
+EXTRA_GUIDANCE = {
+    "image-plain": lambda: Guidance(3.0, image=2.0),
+    "stg-renorm": lambda: Guidance(4.0, renorm=0.6, stg=0.8),
+    "trunc-renorm": lambda: Guidance(5.0, trunc=400.0, renorm=0.5),
+    "trunc-image": lambda: Guidance(4.0, trunc=600.0, image=1.5),
+    "trunc-stg": lambda: Guidance(4.0, trunc=300.0, stg=1.0, renorm=0.8),
+    "trunc-above-all": lambda: Guidance(5.0, trunc=2000.0),  # every step below the threshold: one pass
+    "scale-one": lambda: Guidance(1.0, renorm=0.5, image=1.0),  # scale <= 1: one pass, the rest ignored
+}
+GUIDANCE_ALL = {**GUIDANCE, **EXTRA_GUIDANCE}
 
 
-def run_both(head, kind, n, guide_name, dtype=torch.float32, B=2, **kw):
-    guidance = GUIDANCE[guide_name]()
-    scheduler = make_scheduler(kind)
+def run_both(head, kind, n, guide_name, dtype=torch.float32, B=2, scheduler=None, **kw):
+    guidance = GUIDANCE_ALL[guide_name]()
+    scheduler = make_scheduler(kind) if scheduler is None else scheduler
     z, canvas, ids, ids_g = make_inputs(head, n, guidance, B=B, dtype=dtype)
     with torch.no_grad():
         want = oracle_loop(head, z, canvas, scheduler, guidance, torch.Generator().manual_seed(7), ids_g)
@@ -282,6 +256,70 @@ def test_tiny_head_matches_full_canvas_loop(kind, n, guide_name):
 def test_ddpm_variants(kind):
     got, want = run_both(head_for("tiny"), kind, 7, "cfg")
     assert_tokens_close(got, want, torch.float32, kind)
+
+
+@pytest.mark.parametrize("guide_name", list(EXTRA_GUIDANCE))
+@pytest.mark.parametrize("kind", ["flow", "ddpm"])
+def test_every_guidance_combination(kind, guide_name):
+    got, want = run_both(head_for("tiny"), kind, 7, guide_name, scheduler=make_scheduler(kind, K=10))
+    assert_tokens_close(got, want, torch.float32, f"{kind} {guide_name}")
+
+
+# every option the reference schedulers accept, one at a time (DDPM from the released config)
+SCHEDULER_OPTIONS = [
+    ("ddpm", dict(clip_sample=True)),  # the official step never clips: neither loop may
+    ("ddpm", dict(clip_sample=True, clip_sample_range=0.1, thresholding=True, sample_max_value=0.1)),
+    ("ddpm", dict(prediction_type="sample")),
+    ("ddpm", dict(prediction_type="v_prediction", variance_type="fixed_small_log")),
+    ("ddpm", dict(variance_type="fixed_small_log")),
+    ("ddpm", dict(timestep_spacing="linspace")),
+    ("ddpm", dict(timestep_spacing="trailing", prediction_type="v_prediction")),
+    ("ddpm", dict(steps_offset=1)),
+    ("ddpm", dict(beta_schedule="linear")),
+    ("ddpm", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)),
+    ("ddpm", dict(beta_schedule="sigmoid")),
+    ("ddpm", dict(trained_betas=torch.linspace(1e-4, 0.03, 1000).tolist())),
+    ("ddpm", dict(rescale_betas_zero_snr=True, beta_schedule="linear")),
+    ("flow", dict(shift=1.0)),
+    ("flow", dict(shift=5.0, num_train_timesteps=500)),
+    ("flow", "set_shift"),
+]
+
+
+@pytest.mark.parametrize("kind,options", SCHEDULER_OPTIONS, ids=lambda v: v if isinstance(v, str) else
+                         ",".join(f"{k}={'...' if isinstance(x, list) else x}" for k, x in v.items()))
+def test_every_scheduler_option(kind, options):
+    if options == "set_shift":  # the caller's flow_shift on top of the configured shift
+        scheduler = FlowMatchEulerScheduler(shift=3.0)
+        scheduler.set_shift(7.0)
+        scheduler.set_timesteps(10)
+    else:
+        scheduler = make_scheduler(kind, K=10, **options)
+    got, want = run_both(head_for("tiny"), kind, 7, "renorm", scheduler=scheduler)
+    assert torch.isfinite(want).all()
+    assert_tokens_close(got, want, torch.float32, f"{kind} {options}")
+
+
+def test_clip_sample_default_is_not_clipped():
+    """The case that drifted once: a DDPM built with clip_sample=True and large head outputs (x0 far
+    outside [-1, 1]); the fast path and the reference must agree, and neither clips."""
+    head = make_head(2, 64, 48, seed=3)
+    with torch.no_grad():
+        head.head.weight.mul_(20.0)  # large predicted x0
+    clipped, plain = make_scheduler("ddpm", K=6, clip_sample=True), make_scheduler("ddpm", K=6)
+    got, want = run_both(head, "ddpm", 7, "cfg", scheduler=clipped)
+    same, _ = run_both(head, "ddpm", 7, "cfg", scheduler=plain)
+    assert want.abs().max() > 2  # clipping would have mattered
+    assert_tokens_close(got, want, torch.float32, "clip_sample=True")
+    assert torch.equal(got, same)
+
+
+def test_foreign_schedulers_are_refused_by_name():
+    class DuckFlow:  # the old duck-typed interface: sigmas and timesteps, no kind / step table
+        sigmas, timesteps = torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1000.0, 500.0])
+
+    with pytest.raises(TypeError, match="DuckFlow"):
+        _bad(lambda a: {"scheduler": DuckFlow()})
 
 
 @pytest.mark.slow
@@ -352,25 +390,27 @@ def test_bucket_padding_does_not_change_results(kind, n, guide_name):
 
 
 def test_graph_cache_is_a_small_lru(monkeypatch):
+    from nova_fast.ops import cuda_graph_cache as graphs
+
     made = []
 
     class FakeLoop:
-        def __init__(self, *args):
-            made.append(tuple(args[3].shape))
+        def __init__(self, body, inputs, keep_alive=None):
+            made.append(tuple(inputs[0].shape))
 
-        def replay(self, x, *args):
-            return x
+        def replay(self, inputs):
+            return inputs[0]
 
-    monkeypatch.setattr(op, "_CapturedLoop", FakeLoop)
-    op.clear_graph_cache()
+    monkeypatch.setattr(graphs, "CapturedLoop", FakeLoop)
+    graphs.clear()
     w = op.head_weights(head_for("tiny"))
     plan = op.LoopPlan(25, op.GUIDE_CFG, False, None, 16, 16)
-    for rows in [8, 16, 8, 32, 8] + list(range(40, 40 + op.GRAPH_CACHE_SIZE)):
-        x = torch.zeros(1, rows, 16)
-        op._graph_run(None, w, plan, x, torch.zeros(2, rows, 48), None, None, None, [None] * 25, "triton")
+    for rows in [8, 16, 8, 32, 8] + list(range(40, 40 + graphs.GRAPH_CACHE_SIZE)):
+        x, z_rows, noise = torch.zeros(1, rows, 16), torch.zeros(2, rows, 48), [None] * 25
+        graphs.run_captured(op.graph_key(w, plan, x, z_rows, noise, "triton"), None, (x, z_rows))
     assert made[:3] == [(1, 8, 16), (1, 16, 16), (1, 32, 16)]  # 8 reused while cached
-    assert len(op._graphs) == op.GRAPH_CACHE_SIZE
-    op.clear_graph_cache()
+    assert len(graphs.cached_keys()) == graphs.GRAPH_CACHE_SIZE
+    graphs.clear()
 
 
 @pytest.mark.gpu
@@ -410,7 +450,7 @@ def count_launches(fn, monkeypatch):
 
     monkeypatch.setitem(modulate_mod.FORWARD, "torch", one_launch(modulate_mod.FORWARD["torch"]))
     monkeypatch.setitem(residual_mod.FORWARD, "torch", one_launch(residual_mod.FORWARD["torch"]))
-    monkeypatch.setattr(op, "guided_step_torch", one_launch(op.guided_step_torch))
+    monkeypatch.setattr(step_op, "guided_step_torch", one_launch(step_op.guided_step_torch))
     return count_dispatched_ops(fn) + fused[0]
 
 
@@ -450,7 +490,7 @@ def _bad(changes):
     (lambda a: {"z": a["z"].half()}, TypeError, "dtype"),
     (lambda a: {"z": a["z"][..., :40]}, ValueError, "width"),
     (lambda a: {"pred_ids": a["pred_ids"].float()}, TypeError, "pred_ids"),
-    (lambda a: {"scheduler": DDPM()}, ValueError, "set_timesteps"),
+    (lambda a: {"scheduler": DDPMScheduler()}, ValueError, "set_timesteps"),
     (lambda a: {"scheduler": object()}, TypeError, "scheduler"),
 ])
 def test_bad_input_errors(changes, error, match):
@@ -472,22 +512,22 @@ def test_fused_step_under_torch_compile():
     torch.testing.assert_close(compiled(out, x), step(out, x), rtol=0, atol=0)
 
 
-# ---------------------------------------------------------------- the scheduler table cache
-def test_scheduler_table_follows_the_scheduler_not_memory_addresses():
-    """Re-setting a scheduler to the same number of steps with another shift must give a new table
-    (a key on data pointers could see a freed tensor's address reused and serve the old one)."""
-    from nova_fast.reference import FlowMatchEulerScheduler
-
-    sched = FlowMatchEulerScheduler(shift=1.0)
-    tables = []
-    for shift in (1.0, 3.0, 1.0, 5.0):
-        sched.set_shift(shift)
-        sched.set_timesteps(6)
-        coef, head_t, _, _ = op.scheduler_table(sched, torch.device("cpu"))
-        want = (sched.sigmas[1:] - sched.sigmas[:-1]).float()
-        assert torch.equal(coef[:, 3], want) and torch.equal(head_t, torch.as_tensor(sched.timesteps).float())
-        tables.append(coef[:, 3].clone())
-    assert not torch.equal(tables[0], tables[1]) and torch.equal(tables[0], tables[2])
+# ---------------------------------------------------------------- the scheduler's step table
+def test_the_loop_reads_the_schedulers_own_step_table(monkeypatch):
+    """denoise_tokens takes every coefficient from scheduler.step_table: a table with its step
+    sizes doubled (and nothing else changed) must change the result accordingly."""
+    head, scheduler = head_for("tiny"), make_scheduler("flow", K=5)
+    got, want = run_both(head, "flow", 7, "cfg", scheduler=scheduler)
+    assert_tokens_close(got, want, torch.float32, "plain")
+    table = scheduler.step_table("cpu")
+    doubled = table.coef.clone()
+    doubled[:, 3] *= 2
+    doubled[:, 6] = doubled[:, 0] * doubled[:, 3] / doubled[:, 2] + doubled[:, 4]
+    doubled[:, 7] = doubled[:, 1] * doubled[:, 3] / doubled[:, 2]
+    monkeypatch.setattr(type(scheduler), "step_table", lambda self, device: type(table)(
+        doubled, table.timesteps, table.draws, table.host_timesteps))
+    got2, _ = run_both(head, "flow", 7, "cfg", scheduler=scheduler)
+    assert not torch.allclose(got2, got)
 
 
 def test_runs_under_inference_mode():

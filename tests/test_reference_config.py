@@ -1,5 +1,5 @@
 """NOVAConfig presets and parsing; released configs on the meta device: exact names and shapes
-(NOVA_SPEC.md section 5) and parameter counts computed independently from those names' dimensions."""
+(docs/nova.md section 6) and parameter counts computed independently from those names' dimensions."""
 import json
 import math
 

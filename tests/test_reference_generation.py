@@ -1,5 +1,5 @@
 """Whole-model generation on the tiny config: determinism, seeds, image-to-video, guidance variants,
-the AR schedule, the RNG order of NOVA_SPEC.md section 3, and the diffusion head's token gather."""
+the AR schedule, the RNG order of docs/nova.md section 3, and the diffusion head's token gather."""
 import pytest
 import torch
 
@@ -60,6 +60,7 @@ GUIDANCE_VARIANTS = {
     "trunc": dict(guidance_scale=5.0, guidance_trunc=500.0),
     "image": dict(guidance_scale=5.0, image_guidance_scale=1.5),
     "stg": dict(guidance_scale=5.0, spatiotemporal_guidance_scale=1.5),
+    "ramp": dict(guidance_scale=5.0, min_guidance_scale=2.0),
 }
 
 
@@ -70,7 +71,7 @@ def test_guidance_variants_are_deterministic_and_distinct(tiny):
         out[name] = _gen(model, text, 4, **kw)
         assert torch.isfinite(out[name]).all(), name
         assert torch.equal(out[name], _gen(model, text, 4, **kw)), name
-    for name in ("none", "renorm", "trunc", "image"):
+    for name in ("none", "renorm", "trunc", "image", "ramp"):
         assert not torch.allclose(out[name], out["cfg"]), name
     # the released STG third pass sees exactly the conditional inputs: (c - p) vanishes
     torch.testing.assert_close(out["stg"], out["cfg"], rtol=1e-4, atol=1e-4)

@@ -79,3 +79,14 @@ def test_math_in_fp32_result_in_input_dtype():
     g = torch.tensor([2.0, 8.0])
     want = g * max(min(math.sqrt(5.0) / g.norm().item(), 1.0), 0.9)
     torch.testing.assert_close(out.float().flatten(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_scale_ramp_by_hand():
+    """min_guidance_scale: the scale of AR step i of S rises linearly to guidance_scale at the last."""
+    g = Guidance(5.0, min_guidance_scale=2.0)
+    assert [g.at_ar_step(i, 4).guidance_scale for i in range(4)] == [2.75, 3.5, 4.25, 5.0]
+    assert g.at_ar_step(0, 4).passes == g.passes == 2
+    assert Guidance(5.0).at_ar_step(0, 4).guidance_scale == 5.0  # no ramp
+    assert Guidance(5.0, min_guidance_scale=0).at_ar_step(0, 4).guidance_scale == 5.0  # 0: no ramp either
+    with pytest.raises(ValueError, match="min_guidance_scale"):
+        Guidance(5.0, min_guidance_scale=0.5)

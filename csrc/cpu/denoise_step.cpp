@@ -1,6 +1,6 @@
 // denoise_step.cpp: the fused guidance + scheduler step of the diffusion-head loop on CPU (the torch
 // backend's step on CPU tensors; csrc/denoise_step.cu is the GPU twin and
-// nova_fast/ops/denoise_tokens.py states the math and validates the arguments).
+// nova_fast/ops/denoise_step.py states the math and validates the arguments).
 //
 // out holds the head's m passes stacked (pass j at j * num_groups * group_stride); x, noise and the
 // result hold num_groups * group_stride elements. A renorm group is the first group_len elements of
@@ -19,6 +19,7 @@
 namespace nova_cpu {
 namespace {
 
+// guidance modes: the values of nova_fast/guidance_modes.py (tests/test_guidance_modes.py checks them)
 constexpr int64_t kGuideNone = 0, kGuideCfg = 1, kGuideImage = 2, kGuideStg = 3;
 
 template <class T>

@@ -1,186 +1,62 @@
-"""Batched diffusion-head denoising of the predicted tokens (issue 7): ``denoise_tokens``.
+"""Batched diffusion-head denoising of the predicted tokens: ``denoise_tokens``.
 
 The reference runs, for every denoising step, the head on the whole latent canvas: patch-embeds
 all L tokens to gather the n predicted ones, recomputes the condition projection, scatters back,
 combines guidance and steps the scheduler over the full canvas. ``denoise_tokens`` does the same
 math on the n tokens only:
 
-- before the loop (on the device, no host round trip inside it): the scheduler's per-step
-  coefficients as a (K, 8) table, the guidance scales as a 3-vector, the time embeddings of all K
-  timesteps in one batched call, the condition projection once, the DDPM noise of every step
+- before the loop (on the device, no host round trip inside it): the scheduler's own step table
+  (``scheduler.step_table(device)``), the guidance scales as a 3-vector, the time embeddings of all
+  K timesteps in one batched call, the condition projection once, the DDPM noise of every step
   (drawn canvas-shaped from the caller's generator in the reference's order, then gathered);
 - per step: one GEMM for the adaLN statistics of all blocks and the final norm (computed ahead
   for several steps at once where memory allows), the patch embedding of the n tokens, per block
   ``modulate`` -> Linear -> SiLU -> Linear -> ``residual_norm`` (gated, in place), the final
-  modulate and Linear, then one fused kernel: guidance (plain, renorm, truncation, third pass)
-  and the scheduler update (flow Euler or DDPM);
+  modulate and Linear, then the fused guidance + scheduler step (``nova_fast.ops.denoise_step``);
 - on CUDA tensors the K-step loop is captured once per (token bucket, batch, dtype, plan) into a
-  CUDA graph and replayed (``cuda_graphs=True``); on CPU the same code runs eagerly.
+  CUDA graph and replayed (``cuda_graphs=True``, ``nova_fast.ops.cuda_graph_cache``); on CPU the
+  same code runs eagerly.
 
-Backends for the fused step (``nova_fast.backends``, op name ``denoise_tokens``): ``torch`` (on
-CPU tensors the one-pass kernel ``torch.ops.nova_fast_cpu.guided_step_`` of
-csrc/cpu/denoise_step.cpp, in place; otherwise ``guided_step_torch``), ``triton``
-(``nova_fast.kernels.denoise_step``), ``cuda`` (``nova_fast._C.denoise_guided_step``,
-csrc/denoise_step.cu). The adaLN ops dispatch themselves.
-The step is also the ``torch.library`` op ``nova_fast::denoise_guided_step`` (fake kernel
-registered; inference only, no autograd formula). The whole op is inference-only (no_grad).
-
-Hook point for ``nova_fast.accelerate``: the reference's per-AR-step denoise method holds the
-spatial-encoder outputs at the predicted tokens (guidance-expanded: ``z``), the noise canvas
-(``noise``, B x C x H x W), the guidance-expanded ``pred_ids``, the scheduler, the guidance object
-and the generator; it returns the canvas tokens (B, L, P) of which the caller keeps the predicted
-positions. A patched method calls ``denoise_tokens(head, z, noise, scheduler, guidance,
-generator=generator, pred_ids=pred_ids)`` and scatters the (B, n, P) result at ``pred_ids[:B]``
-into a zero (B, L, P) canvas (the caller masks every other position away).
+The whole op is inference-only (no_grad). Hook point for ``nova_fast.accelerate``: the
+reference's ``NOVAModel.denoise_step_tokens`` (see ``nova_fast.reference``).
 """
 from __future__ import annotations
 
+import itertools
 import weakref
-from typing import Optional
 
 import torch
 
-from nova_fast import backends, cpu_kernels
+from nova_fast import backends
+from nova_fast.ops import cuda_graph_cache
 from nova_fast.ops._checks import check_tensor
+from nova_fast.ops.denoise_step import (  # noqa: F401  (re-exported: the step is this op's kernel)
+    COEF_COLUMNS, GUIDE_CFG, GUIDE_IMAGE, GUIDE_NONE, GUIDE_STG, OP, PASSES, fold_coefficients, guided_step,
+    guided_step_op, guided_step_torch, steps_in_place)
 
-OP = "denoise_tokens"
-GUIDE_NONE, GUIDE_CFG, GUIDE_IMAGE, GUIDE_STG = 0, 1, 2, 3
-PASSES = {GUIDE_NONE: 1, GUIDE_CFG: 2, GUIDE_IMAGE: 3, GUIDE_STG: 3}
-COEF_COLUMNS = 8
-# Order of the AdaLNZero statistics in its projection's output chunks: (scale, shift, gate).
-ADALN_ORDER = (0, 1, 2)
 # The adaLN statistics of several steps are computed in one GEMM, up to this many bytes at once.
 PRECOMPUTE_BYTES = 256 << 20
-# Guidance renorm norms: over one sample's predicted tokens (False) or over each token (True).
-RENORM_PER_TOKEN = False
-
-
-def guided_step_torch(out, x, noise, coef, scales, step: int, *, guide: int, renorm: bool, group_len: int,
-                      group_stride: int | None = None):
-    """The fused step's math in plain PyTorch (fp32 internally); returns the new sample in x.dtype.
-
-    ``out`` (m * G * group_stride) holds the m head passes stacked on the batch axis; ``x`` and
-    ``noise`` (G * group_stride) the current sample and the step's noise (or None); ``coef`` the
-    (K, 8) table; ``scales`` = [s, s2, renorm_min] as a device tensor. A renorm group is the first
-    ``group_len`` elements of each ``group_stride`` (the rest: bucket padding, returned as is).
-    """
-    m = PASSES[guide]
-    group_stride = group_len if group_stride is None else group_stride
-    if guide in (GUIDE_NONE, GUIDE_CFG) and not renorm and x.dtype == torch.float32 and out.dtype == torch.float32:
-        return _linear_step_fp32(out, x, noise, coef[step], scales, m)
-    if group_stride != group_len:
-        result = x.clone()
-        view = result.reshape(-1, group_stride)[:, :group_len]
-        view.copy_(guided_step_torch(out.reshape(m, -1, group_stride)[:, :, :group_len], view, None if noise is None
-                                     else noise.reshape(-1, group_stride)[:, :group_len], coef, scales, step,
-                                     guide=guide, renorm=renorm, group_len=group_len))
-        return result
-    o = out.reshape(m, -1, group_len).float()
-    xf = x.reshape(-1, group_len).float()
-    s, s2 = scales[0], scales[1]
-    o0 = o[0]
-    if guide == GUIDE_NONE:
-        g = o0
-    else:
-        g = o[1] + (o0 - (o[2] if guide == GUIDE_IMAGE else o[1])) * s
-    if renorm:
-        ratio = o0.norm(dim=1, keepdim=True) / g.norm(dim=1, keepdim=True)
-        g = g * torch.minimum(torch.maximum(ratio, scales[2]), ratio.new_ones(()))
-    if guide == GUIDE_IMAGE:
-        g = g + (o[2] - o[1]) * s2
-    elif guide == GUIDE_STG:
-        g = g + (o0 - o[2]) * s2
-    c = coef[step].unbind(0)
-    x0 = (xf * c[0] + g * c[1]) / c[2]
-    new_x = x0 * c[3] + xf * c[4]
-    if noise is not None:
-        new_x = new_x + noise.reshape(-1, group_len).float() * c[5]
-    return new_x.to(x.dtype).reshape(x.shape)
-
-
-def _linear_step_fp32(out, x, noise, c, scales, passes: int):
-    """No guidance or plain CFG without renorm, fp32: the step is linear in (x, c, u, noise), so
-    new_x = A x + B (u + s (c - u)) + c5 noise with A, B folded into the table's columns 6 and 7:
-    four ATen ops instead of about thirty (padding rows stay finite: they are never read). The table
-    must carry those columns: ``fold_coefficients`` (``scheduler_table`` calls it)."""
-    o = out.reshape(passes, *x.shape)
-    g = o[0] if passes == 1 else torch.lerp(o[1], o[0], scales[0])
-    new_x = torch.addcmul(x * c[6], g, c[7])
-    return new_x if noise is None else new_x.addcmul_(noise.reshape(x.shape), c[5])
-
-
-def steps_in_place(backend: str, x) -> bool:
-    """Whether the loop's step kernel updates the sample in place: the kernel backends, and the
-    torch backend's CPU kernel (the ATen composition returns a new tensor)."""
-    return backend != "torch" or cpu_kernels.available_for(x)
-
-
-def guided_step(out, x, noise, coef, scales, step: int, *, guide: int, renorm: bool, group_len: int,
-                group_stride: int | None = None, new_x=None, backend: str | None = None):
-    """One fused guidance + scheduler step on the chosen backend (None: resolve for this call).
-
-    Writes into ``new_x`` when given (kernels may alias it with ``x``: in place), else returns a new
-    tensor. Under ``torch.compile`` it runs as the custom op ``nova_fast::denoise_guided_step``."""
-    if torch.compiler.is_compiling():
-        result = guided_step_op(out, x, noise, coef, scales, int(step), int(guide), bool(renorm), int(group_len),
-                                int(group_len if group_stride is None else group_stride))
-        return result if new_x is None else new_x.copy_(result)
-    if backend is None:
-        backend = backends.resolve(OP, x.device)
-    if backend == "torch" and cpu_kernels.available_for(out, x) and out.is_contiguous() and x.is_contiguous():
-        # CPU tensors: guidance and scheduler step in one pass (csrc/cpu/denoise_step.cpp), in place
-        backends.record_path(OP, "CPU kernel (csrc/cpu): fused step on CPU tensors")
-        target = x.clone() if new_x is None else (new_x if new_x is x else new_x.copy_(x))
-        return torch.ops.nova_fast_cpu.guided_step_(out, target, noise, coef, scales, int(step), int(guide),
-                                                   bool(renorm), int(group_len),
-                                                   int(group_len if group_stride is None else group_stride))
-    if backend == "torch":
-        backends.record_path(OP, f"ATen composition ({cpu_kernels.status()[1]})")
-        result = guided_step_torch(out, x, noise, coef, scales, step, guide=guide, renorm=renorm,
-                                   group_len=group_len, group_stride=group_stride)
-        if new_x is None:
-            return result
-        return new_x.copy_(result)
-    new_x = torch.empty_like(x) if new_x is None else new_x
-    if backend == "triton":
-        from nova_fast.kernels import denoise_step as kernel
-
-        kernel.guided_step(out, x, noise, new_x, coef, scales, step, guide=guide, renorm=renorm, group_len=group_len,
-                           group_stride=group_stride)
-    else:
-        backends.load_extension().denoise_guided_step(out, x, noise, new_x, coef, scales, step, group_len,
-                                                      group_len if group_stride is None else group_stride, guide,
-                                                      renorm)
-    return new_x
-
-
-@torch.library.custom_op("nova_fast::denoise_guided_step", mutates_args=())
-def guided_step_op(out: torch.Tensor, x: torch.Tensor, noise: Optional[torch.Tensor], coef: torch.Tensor,
-                   scales: torch.Tensor, step: int, guide: int, renorm: bool, group_len: int,
-                   group_stride: int) -> torch.Tensor:
-    """The fused step as a torch.library op (inference only: no autograd formula is registered)."""
-    return guided_step(out, x, noise, coef, scales, step, guide=guide, renorm=renorm, group_len=group_len,
-                       group_stride=group_stride, new_x=torch.empty_like(x), backend=backends.resolve(OP, x.device))
-
-
-@guided_step_op.register_fake
-def _(out, x, noise, coef, scales, step, guide, renorm, group_len, group_stride):
-    return torch.empty_like(x)
+SCHEDULER_KINDS = ("flow", "ddpm")
 
 
 # ---------------------------------------------------------------------------------------------
 # The head, arranged for the loop (weights prepared once per head and kept while unchanged)
 # ---------------------------------------------------------------------------------------------
+_serials = itertools.count()
+
+
 class HeadWeights:
     """A DiffusionMLP's parameters in loop form. Rows are kept 3-D (1, R, F) so every Linear is one
     ``baddbmm(bias, x, W^T)`` and the adaLN ops take them without reshapes (no view ops in the
     loop); the patch-embedding Conv2d becomes a (P, W) matrix in patchify order (ph, pw, c); the
     adaLN projections of all blocks and of the final norm are concatenated into one (W, S) matrix,
-    since they all read the same ``SiLU(cond)``: one GEMM per step instead of depth + 1."""
+    since they all read the same ``SiLU(cond)``: one GEMM per step instead of depth + 1.
+    ``serial`` is unique for the process's lifetime (a CUDA-graph key; ``id()`` can be recycled)."""
 
     def __init__(self, head):
         conv = head.patch_embed.proj
         width, channels, patch, _ = conv.weight.shape
+        self.serial = next(_serials)
         self.width, self.channels, self.patch = width, channels, patch
         self.token_dim = patch * patch * channels
         self.dtype, self.device = conv.weight.dtype, conv.weight.device
@@ -246,7 +122,7 @@ def time_embedding(head, timesteps):
 
 
 def loop_time_embedding(head, w: HeadWeights, timesteps):
-    """``time_embedding`` of a scheduler table's timesteps as (K, 1, W), kept on the head's loop
+    """``time_embedding`` of a step table's timesteps as (K, 1, W), kept on the head's loop
     weights: every AR step of a generation denoises over the same K timesteps (the table's tensor,
     cached on the scheduler), so it is computed once, not once per AR step. The weights object is
     rebuilt when a parameter changes, which drops it; the table is held, so its identity cannot be
@@ -254,6 +130,11 @@ def loop_time_embedding(head, w: HeadWeights, timesteps):
     if w.temb_for is not timesteps:
         w.temb, w.temb_for = time_embedding(head, timesteps).unsqueeze(1), timesteps
     return w.temb
+
+
+def condition_projection(head, z):
+    """The head's condition projection of the spatial-encoder outputs, once for the whole loop."""
+    return head.time_cond_embed.condition_proj(z)
 
 
 _constants: dict = {}
@@ -278,11 +159,6 @@ def guidance_scales(values: list[float], device) -> torch.Tensor:
                      lambda: torch.tensor(values, dtype=torch.float32).to(device))
 
 
-def condition_projection(head, z):
-    """The head's condition projection of the spatial-encoder outputs, once for the whole loop."""
-    return head.time_cond_embed.condition_proj(z)
-
-
 # ---------------------------------------------------------------------------------------------
 # One head evaluation and the K-step loop (eager; the CUDA graph path captures the same code)
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +166,8 @@ def head_forward_rows(w: HeadWeights, x_rows, act_rows, passes: int, ada_stats=N
     """The head on token rows: x_rows (1, R, P) noisy tokens (identical for every guidance pass,
     so embedded once and repeated), act_rows (1, passes * R, W) = SiLU(condition projection + this
     step's time embedding), the input of every adaLN projection (or ``ada_stats``, their
-    projections, when computed ahead). Returns (1, passes * R, P)."""
+    projections, when computed ahead). Returns (1, passes * R, P). Each AdaLNZero's statistics
+    are its projection's chunks in the order (scale, shift[, gate])."""
     from nova_fast.ops.modulate import modulate
     from nova_fast.ops.residual_norm import residual_norm
 
@@ -299,11 +176,11 @@ def head_forward_rows(w: HeadWeights, x_rows, act_rows, passes: int, ada_stats=N
     if passes > 1:
         h = h.repeat(1, passes, 1)
     for j, (fc1_wt, fc1_b, fc2_wt, fc2_b, norm_w, norm_b, norm_eps) in enumerate(w.blocks):
-        scale, shift, gate = (stats[3 * j + k] for k in ADALN_ORDER)
+        scale, shift, gate = stats[3 * j: 3 * j + 3]
         y = torch.baddbmm(fc1_b, modulate(h, scale, shift, eps=w.ada_eps[j]), fc1_wt)
         y = torch.baddbmm(fc2_b, torch.nn.functional.silu(y, inplace=True), fc2_wt)
         h = residual_norm(h, y, norm_w, norm_b, gate=gate, eps=norm_eps, inplace=True)
-    scale, shift = (stats[3 * w.depth + k] for k in ADALN_ORDER[:2])
+    scale, shift = stats[3 * w.depth: 3 * w.depth + 2]
     return torch.baddbmm(w.head_b, modulate(h, scale, shift, eps=w.ada_eps[-1]), w.head_wt)
 
 
@@ -335,8 +212,19 @@ def denoise_loop(w: HeadWeights, plan: "LoopPlan", x, cond, temb, noises, coef, 
     return x
 
 
+def loop_body(head, w: HeadWeights, plan: "LoopPlan", backend: str):
+    """The function a CUDA graph captures: from the static inputs (x, z rows, head timesteps, step
+    table, scales, per-step noise) to the final sample, all on the device. Its own copy of x is
+    the loop's state (the kernels update it in place), so the input buffer survives a replay."""
+    def body(x, z_rows, head_t, coef, scales, step_noise):
+        temb = time_embedding(head, head_t).unsqueeze(1)
+        cond = condition_projection(head, z_rows).reshape(1, plan.passes * x.shape[1], w.width)
+        return denoise_loop(w, plan, x.clone(), cond, temb, step_noise, coef, scales, backend=backend)
+    return body
+
+
 # ---------------------------------------------------------------------------------------------
-# Plans: scheduler coefficients, guidance, sizes (prepared before the loop, on the device)
+# Plans: step table, guidance, sizes (prepared before the loop, on the device)
 # ---------------------------------------------------------------------------------------------
 class LoopPlan:
     """Static description of one loop: step count, guidance mode, truncation step, renorm groups."""
@@ -350,100 +238,24 @@ class LoopPlan:
         return (self.steps, self.guide, self.renorm, self.trunc_step, self.group_len, self.group_stride)
 
 
-def scheduler_table(scheduler, device) -> tuple[torch.Tensor, torch.Tensor, list[bool], list[float]]:
-    """(coef (K, 8) fp32 on ``device``, timesteps fed to the head (K,) fp32 on ``device``, which
-    steps draw noise, the timesteps as host floats), computed once per (scheduler state, device)
-    and cached on the scheduler, so a loop starts without a host-device round trip.
-
-    Rows: x0 = (c0 * x + c1 * g) / c2; x_new = c3 * x0 + c4 * x + c5 * noise; columns 6 and 7 hold
-    the folded (c0 c3 / c2 + c4, c1 c3 / c2) for the linear fp32 path. The values come from
-    the scheduler's own fp32 tensors with the same arithmetic as its ``step``."""
-    kind = _scheduler_kind(scheduler)
+def step_table(scheduler, device):
+    """The scheduler's own step table on ``device`` (``nova_fast.reference.schedulers``); refuses
+    schedulers that do not describe their steps that way."""
+    kind = getattr(scheduler, "kind", None)
+    if kind not in SCHEDULER_KINDS or not callable(getattr(scheduler, "step_table", None)):
+        raise TypeError(f"scheduler must be a nova_fast.reference FlowMatchEulerScheduler or DDPMScheduler (kind "
+                        f"{' or '.join(SCHEDULER_KINDS)} with step_table()), got {type(scheduler).__name__}")
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None or len(timesteps) == 0:
         raise ValueError(f"scheduler ({type(scheduler).__name__}) has no timesteps: call "
                          "scheduler.set_timesteps(K) before denoise_tokens")
-    # the cache entry keeps the keyed tensors alive, so their ids cannot be reused by new tensors
-    keyed = (timesteps, getattr(scheduler, "sigmas", None), getattr(scheduler, "alphas_cumprod", None))
-    state = (kind, device, *map(_tensor_key, keyed), getattr(scheduler, "prediction_type", None),
-             getattr(scheduler, "variance_type", None))
-    cached = getattr(scheduler, "_nova_fast_table", None)
-    if cached is not None and cached[0] == state:
-        return cached[1]
-    steps = len(timesteps)
-    coef = torch.zeros(steps, COEF_COLUMNS, dtype=torch.float32)
-    if kind == "flow":
-        sigmas = scheduler.sigmas
-        if len(sigmas) != steps + 1:
-            raise ValueError(f"flow scheduler: expected {steps + 1} sigmas for {steps} timesteps, got {len(sigmas)}")
-        coef[:, 1] = coef[:, 2] = coef[:, 4] = 1.0
-        coef[:, 3] = (sigmas[1:] - sigmas[:-1]).float()  # x_new = dt * v + x
-        draws = [False] * steps
-    else:
-        ac = scheduler.alphas_cumprod
-        t = torch.as_tensor(timesteps).cpu().long()
-        prev = t - scheduler.num_train_timesteps // steps
-        one = torch.ones((), dtype=ac.dtype)
-        a_t = ac[t]
-        a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], one)
-        b_t, b_prev = 1 - a_t, 1 - a_prev
-        cur_a = a_t / a_prev
-        cur_b = 1 - cur_a
-        pred = scheduler.prediction_type
-        if pred == "epsilon":
-            coef[:, 0], coef[:, 1], coef[:, 2] = 1.0, -(b_t ** 0.5), a_t ** 0.5
-        elif pred == "v_prediction":
-            coef[:, 0], coef[:, 1], coef[:, 2] = a_t ** 0.5, -(b_t ** 0.5), 1.0
-        elif pred == "sample":
-            coef[:, 1], coef[:, 2] = 1.0, 1.0
-        else:
-            raise ValueError(f"DDPM scheduler: unknown prediction_type {pred!r}")
-        coef[:, 3] = (a_prev ** 0.5 * cur_b) / b_t
-        coef[:, 4] = cur_a ** 0.5 * b_prev / b_t
-        variance = (b_prev / b_t * cur_b).clamp(min=1e-20)
-        if scheduler.variance_type == "fixed_large":
-            variance = cur_b
-        elif scheduler.variance_type != "fixed_small":
-            raise ValueError(f"DDPM scheduler: unsupported variance_type {scheduler.variance_type!r}")
-        draws = (t > 0).tolist()
-        coef[:, 5] = torch.where(t > 0, variance ** 0.5, torch.zeros_like(variance))
-    fold_coefficients(coef)
-    head_t = torch.as_tensor(timesteps).detach().float()
-    table = (coef.to(device), head_t.to(device), draws, head_t.tolist())
-    try:
-        scheduler._nova_fast_table = (state, table, keyed)
-    except AttributeError:  # a slotted scheduler: recompute per call
-        pass
+    table = scheduler.step_table(device)
+    if kind == "flow" and any(table.draws):
+        raise ValueError("a flow-matching step table cannot draw noise")
     return table
 
 
-def fold_coefficients(coef: torch.Tensor) -> torch.Tensor:
-    """Fill columns 6 and 7 of a (K, 8) table from columns 0-5 (in place): the step folded for the
-    linear cases, x_new = (c0 c3 / c2 + c4) x + (c1 c3 / c2) g + c5 noise. Returns coef."""
-    coef[:, 6] = coef[:, 0] * coef[:, 3] / coef[:, 2] + coef[:, 4]
-    coef[:, 7] = coef[:, 1] * coef[:, 3] / coef[:, 2]
-    return coef
-
-
-def _tensor_key(t):
-    """Identity of a scheduler tensor: the object (kept alive by the cache entry) and its version;
-    a plain sequence is keyed by its values."""
-    if t is None:
-        return None
-    if not torch.is_tensor(t):
-        return tuple(float(v) for v in t)
-    return (id(t), tuple(t.shape), t.dtype, t.device, tensor_version(t))
-
-
-def _scheduler_kind(scheduler) -> str:
-    if hasattr(scheduler, "alphas_cumprod"):
-        return "ddpm"
-    if hasattr(scheduler, "sigmas"):
-        return "flow"
-    raise TypeError(f"scheduler must be a FlowMatchEulerScheduler or DDPMScheduler, got {type(scheduler).__name__}")
-
-
-def guidance_plan(guidance, host_timesteps: list[float]):
+def guidance_plan(guidance, host_timesteps):
     """(guide mode, [s, s2, renorm_min], truncation step or None) from a guidance description."""
     if guidance is None:
         return GUIDE_NONE, [1.0, 0.0, 1.0], None
@@ -453,6 +265,9 @@ def guidance_plan(guidance, host_timesteps: list[float]):
     renorm_min = float(getattr(guidance, "guidance_renorm", 1) or 1)
     if scale <= 1:
         return GUIDE_NONE, [1.0, 0.0, 1.0], None
+    if image and stg:
+        raise ValueError("guidance: image_guidance_scale and spatiotemporal_guidance_scale cannot both be set "
+                         "(one third pass only)")
     guide = GUIDE_IMAGE if image else (GUIDE_STG if stg else GUIDE_CFG)
     trunc = float(getattr(guidance, "guidance_trunc", 0) or 0)
     trunc_step = None
@@ -463,7 +278,7 @@ def guidance_plan(guidance, host_timesteps: list[float]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Token buckets (CUDA graphs): counts padded up so the 63 AR steps of a frame reuse a few graphs
+# Token buckets (CUDA graphs): counts padded up so the AR steps of a frame reuse a few graphs
 # ---------------------------------------------------------------------------------------------
 BUCKETS = (8, 16, 32, 64, 128, 256)
 
@@ -501,6 +316,13 @@ def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return tokens[..., batch_rows(ids.shape[0], ids.device), ids, :]
 
 
+def graph_key(w: HeadWeights, plan: LoopPlan, x, z_rows, step_noise, backend):
+    """What a captured loop is valid for: the head's loop weights (by serial, never recycled),
+    the plan, the shapes, dtype and device, which steps draw noise, and the backend."""
+    return (w.serial, plan.key(), tuple(x.shape), tuple(z_rows.shape), x.dtype, x.device,
+            tuple(t is not None for t in step_noise), backend)
+
+
 # ---------------------------------------------------------------------------------------------
 # The public op
 # ---------------------------------------------------------------------------------------------
@@ -516,9 +338,11 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
             guidance. dtype = the head's dtype.
         noise: the initial sample at those tokens, (B, n, P) with P = p*p*C in patchify order
             (h, w, ph, pw, c), or the noise canvas (B, C, H, W) itself (gathered at ``pred_ids``).
-        scheduler: a FlowMatchEulerScheduler or DDPMScheduler after ``set_timesteps(K)``.
+        scheduler: a ``nova_fast.reference`` FlowMatchEulerScheduler or DDPMScheduler after
+            ``set_timesteps(K)``; its ``step_table`` gives every step's coefficients, so each of
+            its accepted options runs here exactly as its ``step`` runs it.
         guidance: the reference's guidance description (scale, renorm, truncation, third pass) or
-            None for no guidance.
+            None for no guidance. Renorm norms cover one sample's predicted tokens.
         generator: DDPM only: the generator the reference draws its per-step noise from.
         pred_ids: (B, n) or (m * B, n) [trailing 1 allowed] token positions in the L-token canvas;
             required with DDPM (its noise is drawn canvas-shaped, then gathered) and with a canvas
@@ -545,8 +369,8 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
                         f"{str(w.dtype).replace('torch.', '')}")
     if z.device != w.device:
         raise ValueError(f"z is on {z.device} but the head is on {w.device}")
-    coef, head_t, draws, host_t = scheduler_table(scheduler, device)
-    guide, scale_values, trunc_step = guidance_plan(guidance, host_t)
+    table = step_table(scheduler, device)
+    guide, scale_values, trunc_step = guidance_plan(guidance, table.host_timesteps)
     passes = PASSES[guide]
     if z.shape[0] % passes:
         raise ValueError(f"z has {z.shape[0]} rows on its batch axis; guidance runs {passes} passes, so it must be a "
@@ -571,13 +395,13 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
     if noise.dtype != z.dtype:
         raise TypeError(f"noise has dtype {noise.dtype} but z has {z.dtype}; they must match")
     noise_steps = None
-    if any(draws):
+    if any(table.draws):
         if ids is None or canvas_shape is None:
             raise ValueError("DDPM draws its noise canvas-shaped: pass pred_ids= and canvas_shape= (B, C, H, W) "
                              "(or noise as the canvas)")
         if tuple(canvas_shape[:1]) != (B,) or canvas_shape[1] * w.patch * w.patch != P:
             raise ValueError(f"canvas_shape {tuple(canvas_shape)} does not match B = {B} and P = {P}")
-        drawn = draw_step_canvases(canvas_shape, draws, generator, noise.dtype, device)
+        drawn = draw_step_canvases(canvas_shape, table.draws, generator, noise.dtype, device)
         # one patchify and one gather for the initial noise and every step's draw
         gathered = gather_tokens(patchify(torch.stack([noise, *drawn] if noise_canvas else drawn), w.patch), ids)
         noise, noise_steps = (gathered[0], gathered[1:]) if noise_canvas else (noise, gathered)
@@ -588,8 +412,8 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
     use_graphs = bool(cuda_graphs) and device.type == "cuda" and not torch.compiler.is_compiling()
     n_pad = bucket_size(n) if (pad_to_bucket if pad_to_bucket is not None else use_graphs) else n
     renorm = guide != GUIDE_NONE and scale_values[2] < 1
-    group_len, group_stride = (P, P) if RENORM_PER_TOKEN else (n * P, n_pad * P)
-    plan = LoopPlan(len(host_t), guide, renorm, trunc_step, group_len, group_stride)
+    # a renorm group is one sample's predicted tokens (the padding after them is skipped)
+    plan = LoopPlan(len(table.draws), guide, renorm, trunc_step, n * P, n_pad * P)
     scales = guidance_scales(scale_values, device)
 
     # x is the loop's state; a kernel updates it in place, so it must not be the caller's tensor
@@ -600,15 +424,18 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
     if noise_steps is not None:
         padded = _pad_tokens(noise_steps.reshape(-1, n, P), n_pad).reshape(len(noise_steps), B * n_pad, P)
         rows = iter(padded.split(1))
-        step_noise = [next(rows) if d else None for d in draws]
+        step_noise = [next(rows) if d else None for d in table.draws]
     if use_graphs:
-        out = _graph_run(head, w, plan, x, z_rows, head_t, coef, scales, step_noise, backend)
+        out = cuda_graph_cache.run_captured(graph_key(w, plan, x, z_rows, step_noise, backend),
+                                            loop_body(head, w, plan, backend),
+                                            (x, z_rows, table.timesteps, table.coef, scales, step_noise),
+                                            keep_alive=(head, w))
     else:
         with torch.no_grad():
-            temb = loop_time_embedding(head, w, head_t)
+            temb = loop_time_embedding(head, w, table.timesteps)
             cond = condition_projection(head, z_rows).reshape(1, passes * B * n_pad, w.width)
             copy_first = steps_in_place(backend, x) and not own_x
-            out = denoise_loop(w, plan, x.clone() if copy_first else x, cond, temb, step_noise, coef, scales,
+            out = denoise_loop(w, plan, x.clone() if copy_first else x, cond, temb, step_noise, table.coef, scales,
                                backend=backend)
     out = out.reshape(B, n_pad, P)
     return out if n_pad == n else out[:, :n]
@@ -631,70 +458,5 @@ def draw_step_canvases(canvas_shape, draws, generator, dtype, device) -> list[to
     return [torch.randn(tuple(canvas_shape), generator=generator, device=device, dtype=dtype) for d in draws if d]
 
 
-# ---------------------------------------------------------------------------------------------
-# CUDA graphs: the whole K-step loop captured once per (bucket, batch, dtype, plan), replayed
-# ---------------------------------------------------------------------------------------------
-GRAPH_CACHE_SIZE = 8
-
-
-class _CapturedLoop:
-    """Static input buffers, one captured graph of the loop, and its static output."""
-
-    def __init__(self, head, w, plan, x, z_rows, head_t, coef, scales, step_noise, backend):
-        self.x_in, self.z_in = x.clone(), z_rows.clone()
-        self.t_in, self.coef_in, self.scales_in = head_t.clone(), coef.clone(), scales.clone()
-        self.noise_in = [None if t is None else t.clone() for t in step_noise]
-        self.x_work = x.clone()
-        passes, rows = plan.passes, x.shape[1]
-
-        def body():
-            temb = time_embedding(head, self.t_in).unsqueeze(1)
-            cond = condition_projection(head, self.z_in).reshape(1, passes * rows, w.width)
-            self.x_work.copy_(self.x_in)
-            return denoise_loop(w, plan, self.x_work, cond, temb, self.noise_in, self.coef_in, self.scales_in,
-                                backend=backend)
-
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            body()  # warm-up: compiles kernels, creates cuBLAS workspaces outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.out = body()
-
-    def replay(self, x, z_rows, head_t, coef, scales, step_noise):
-        self.x_in.copy_(x)
-        self.z_in.copy_(z_rows)
-        self.t_in.copy_(head_t)
-        self.coef_in.copy_(coef)
-        self.scales_in.copy_(scales)
-        for dst, src in zip(self.noise_in, step_noise):
-            if dst is not None:
-                dst.copy_(src)
-        self.graph.replay()
-        return self.out.clone()
-
-
-_graphs: "dict" = {}
-
-
-def _graph_key(w, plan, x, z_rows, step_noise, backend):
-    return (id(w), plan.key(), tuple(x.shape), tuple(z_rows.shape), x.dtype, x.device,
-            tuple(t is not None for t in step_noise), backend)
-
-
-def _graph_run(head, w, plan, x, z_rows, head_t, coef, scales, step_noise, backend):
-    """Replay the captured loop for this shape (capturing it on first use; LRU of GRAPH_CACHE_SIZE)."""
-    key = _graph_key(w, plan, x, z_rows, step_noise, backend)
-    loop = _graphs.pop(key, None)
-    if loop is None:
-        loop = _CapturedLoop(head, w, plan, x, z_rows, head_t, coef, scales, step_noise, backend)
-        while len(_graphs) >= GRAPH_CACHE_SIZE:
-            _graphs.pop(next(iter(_graphs)))
-    _graphs[key] = loop  # most recently used last
-    return loop.replay(x, z_rows, head_t, coef, scales, step_noise)
-
-
 def clear_graph_cache() -> None:
-    _graphs.clear()
+    cuda_graph_cache.clear()

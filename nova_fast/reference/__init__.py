@@ -15,7 +15,9 @@ Hot paths an accelerator may replace by attribute (each is one method with plain
 - ``NOVAModel.spatial_features(tokens, prefix, known_ids, rope_pos, read_ids)``: the spatial encoder
   read at the predicted tokens (``SpatialEncoder.prepare`` is everything before its second half);
 - ``NOVAModel.denoise_step_tokens(z, noise, pred_ids, scheduler, guidance, generator)``: the K-step
-  denoising loop of one AR step (returns canvas tokens (B, L, P));
+  denoising loop of one AR step (returns the predicted tokens (B, n, P));
+- ``NOVAModel.new_frame_canvas(batch)``: how ``generate_frame`` holds the frame being generated
+  (``model.ImageCanvas``: ``encoder_tokens()``, ``write(pred_ids, tokens)``, ``image()``);
 - ``NOVAModel.mix(anchor, z)`` / ``encoders.VideoMixer.forward(x0, z)``: the Scaling-and-Shift layer;
 - ``layers.Block.forward``, ``diffusion_head.AdaLNZero.forward``, ``diffusion_head.DiffusionBlock.forward``,
   ``diffusion_head.DiffusionMLP.forward``; the per-step math: ``guidance.apply_guidance`` and

@@ -1,6 +1,6 @@
 """NOVAConfig: the fields of a released ``transformer/config.json`` plus what follows from them.
 
-The released checkpoints describe a model with a handful of fields (NOVA_SPEC.md section 1);
+The released checkpoints describe a model with a handful of fields (docs/nova.md section 1);
 everything else (patch sizes, token counts, head widths) is derived here, in one place, so the
 modules never recompute it their own way.
 """

@@ -30,21 +30,32 @@ class Projector(nn.Module):
 
 class AdaLNZero(nn.Module):
     """stats = Linear(SiLU(cond)) split into ``num_stats`` chunks ordered (scale, shift, gate...);
-    returns (LN(x) * (1 + scale) + shift, remaining stats). LN has no affine, eps 1e-6."""
+    returns (LN(x) * (1 + scale) + shift, remaining stats). LN has no affine, eps 1e-6.
+    Its two stages are separate methods (an accelerator replaces ``modulate``, the math)."""
+
+    STATS = ("scale", "shift", "gate")  # the order of the projection's chunks
 
     def __init__(self, dim: int, num_stats: int, eps: float = 1e-6):
         super().__init__()
         self.num_stats, self.eps = num_stats, eps
         self.proj = nn.Linear(dim, num_stats * dim)
 
+    def stats(self, cond: torch.Tensor) -> tuple:
+        """The ``num_stats`` statistics of this condition, each shaped like ``cond``."""
+        return self.proj(F.silu(cond)).chunk(self.num_stats, dim=-1)
+
+    def modulate(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """LN(x) * (1 + scale) + shift, LN without affine."""
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale) + shift
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor):
-        stats = self.proj(F.silu(cond)).chunk(self.num_stats, dim=-1)
-        scale, shift = stats[0], stats[1]
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale) + shift, stats[2:]
+        stats = self.stats(cond)
+        return self.modulate(x, stats[0], stats[1]), stats[2:]
 
 
 class DiffusionBlock(nn.Module):
-    """h, gate = AdaLNZero(x, cond); x + gate * LN(MLP(h)), MLP = Linear-SiLU-Linear of width W."""
+    """h, gate = AdaLNZero(x, cond); x + gate * LN(MLP(h)), MLP = Linear-SiLU-Linear of width W.
+    The gated residual is its own method (an accelerator replaces ``residual``, the math)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -52,9 +63,13 @@ class DiffusionBlock(nn.Module):
         self.proj = Projector(dim, dim, dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
 
+    def residual(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x + gate * LN(y), LN affine (norm2)."""
+        return x + gate * self.norm2(y)
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h, (gate,) = self.norm1(x, cond)
-        return x + gate * self.norm2(self.proj(h))
+        return self.residual(x, self.proj(h), gate)
 
 
 class TimeCondEmbed(nn.Module):

@@ -24,10 +24,14 @@ Combination (``apply_guidance``), with s = guidance_scale:
 - truncation (guidance_trunc > 0): from the first denoising step whose timestep is below the
   threshold to the end of that loop, only the conditional pass runs and g = c.
 - guidance_scale <= 1: a single (conditional) pass, whatever the other fields say.
+- ramp (min_guidance_scale, as the official guidance scaler): inside each frame the scale of AR
+  step i of S executed steps is min + (guidance_scale - min) * (i + 1) / S, reaching
+  guidance_scale at the last step (``Guidance.at_ar_step``); None or 0: no ramp.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -40,8 +44,13 @@ class Guidance:
     image_guidance_scale: float = 0.0
     spatiotemporal_guidance_scale: float = 0.0
     renorm_scope: str = "canvas"  # "canvas" (released) or "tokens" (predicted tokens only)
+    min_guidance_scale: Optional[float] = None  # the scale ramps from here to guidance_scale per frame
 
     def __post_init__(self):
+        if self.active and self.min_guidance_scale and self.min_guidance_scale <= 1:
+            raise ValueError(f"min_guidance_scale must be > 1 with guidance on, got {self.min_guidance_scale} (a step "
+                             "scale <= 1 would drop the guidance passes the prefix still carries; the official "
+                             "generation fails there)")
         if self.active and self.image_guidance_scale and self.spatiotemporal_guidance_scale:
             raise ValueError("image and spatiotemporal guidance cannot be combined (one third pass only)")
         if self.renorm_scope not in ("canvas", "tokens"):
@@ -68,6 +77,15 @@ class Guidance:
         if not self.active:
             return 1
         return 3 if self.third_pass else 2
+
+    def at_ar_step(self, step: int, num_steps: int) -> "Guidance":
+        """The guidance of AR step ``step`` (0-based) of a frame with ``num_steps`` executed steps:
+        itself without a ramp, else a copy whose scale is min + (scale - min) * (step + 1) / num_steps."""
+        if not self.min_guidance_scale or not self.active:
+            return self
+        low = self.min_guidance_scale
+        return replace(self, guidance_scale=(self.guidance_scale - low) * ((step + 1) / num_steps) + low,
+                       min_guidance_scale=None)
 
     def truncated(self, timestep) -> bool:
         """True when this timestep is below the truncation threshold (guidance switched off)."""

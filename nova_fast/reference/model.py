@@ -1,5 +1,5 @@
 """NOVAModel: generation (temporal AR over frames, set-by-set AR inside a frame, per-token
-diffusion) and the training losses, in plain PyTorch (NOVA_SPEC.md sections 2-4).
+diffusion) and the training losses, in plain PyTorch (docs/nova.md sections 2-5).
 
 Generation of one video, for each latent frame t:
   1. ``temporal_step``: embed the previous frame (bos tokens at t = 0), run the temporal encoder
@@ -46,8 +46,37 @@ def frame_group_ids(prefix_len: int, tokens_per_frame: int, num_frames: int, dev
     return torch.cat([torch.zeros(prefix_len, dtype=torch.long, device=device), frames])
 
 
+class ImageCanvas:
+    """One frame being generated, as the released model holds it: the latent image (B, C, H, W),
+    zero where nothing is predicted yet, and the known-token mask (B, L).
+
+    ``generate_frame`` talks to it through three methods, so a faster representation with the same
+    three can stand in (``NOVAModel.new_frame_canvas`` is the hook):
+    ``encoder_tokens()`` the spatial encoder's input (B, L, D): patch-embedded, unknown tokens
+    replaced by the mask token; ``write(pred_ids, tokens)`` adds predicted tokens (B, n, P) at
+    pred_ids (B, n), each token predicted once; ``image()`` the frame (B, C, H, W)."""
+
+    def __init__(self, model: "NOVAModel", batch: int):
+        c = model.config
+        self.model, self.patch = model, model.patch
+        self.canvas = torch.zeros(batch, c.image_dim, *c.latent_size, device=model.device, dtype=model.dtype)
+        self.known = torch.zeros(batch, c.spatial_tokens, dtype=torch.bool, device=model.device)
+
+    def encoder_tokens(self) -> torch.Tensor:
+        return self.model.mask_embed.apply_mask(self.model.image_encoder.patch_embed(self.canvas), self.known)
+
+    def write(self, pred_ids: torch.Tensor, tokens: torch.Tensor) -> None:
+        B, L = self.known.shape
+        full = scatter_tokens(tokens.new_zeros(B, L, tokens.shape[-1]), pred_ids, tokens)
+        self.canvas = self.canvas + unpatchify(full, self.patch, self.canvas.shape)
+        self.known = self.known.scatter(1, pred_ids, True)
+
+    def image(self) -> torch.Tensor:
+        return self.canvas
+
+
 class NOVAModel(nn.Module):
-    """State-dict keys are the released transformer's (NOVA_SPEC.md section 5)."""
+    """State-dict keys are the released transformer's (docs/nova.md section 6)."""
 
     def __init__(self, config: NOVAConfig):
         super().__init__()
@@ -205,8 +234,7 @@ class NOVAModel(nn.Module):
         same ids in every pass). Each step: the head on the pass-expanded canvas; its n predictions
         per row written into the patchified current sample (non-predicted tokens keep the sample,
         equal in every pass); ``apply_guidance``; ``scheduler.step`` over the full canvas (DDPM draws
-        canvas-shaped noise for t > 0). Returns the final canvas tokens (B, L, P); the caller keeps
-        the predicted positions only."""
+        canvas-shaped noise for t > 0). Returns the final sample at the predicted tokens (B, n, P)."""
         B = noise.shape[0]
         m = 1 if guidance is None else guidance.passes
         x = noise
@@ -219,7 +247,7 @@ class NOVAModel(nn.Module):
             out = self.image_decoder(x_in, timestep, z[:rows], pred_ids[:rows])  # (rows, n, P)
             pred = self.combine_predictions(out, x_in, pred_ids[:rows], guidance, truncated)
             x = scheduler.step(unpatchify(pred, self.patch, x.shape), i, x, generator=generator)
-        return patchify(x, self.patch)
+        return gather_tokens(patchify(x, self.patch), pred_ids[:B])
 
     def combine_predictions(self, out, x_in, pred_ids, guidance, truncated) -> torch.Tensor:
         """Head outputs (rows, n, P) -> guided canvas tokens (B, L, P)."""
@@ -229,37 +257,38 @@ class NOVAModel(nn.Module):
         canvas = scatter_tokens(patchify(x_in, self.patch), pred_ids, out)  # released: whole canvas
         return apply_guidance(canvas, guidance, truncated)
 
+    def new_frame_canvas(self, batch: int) -> "ImageCanvas":
+        """The empty frame one ``generate_frame`` fills in (see ``ImageCanvas``)."""
+        return ImageCanvas(self, batch)
+
     def generate_frame(self, prefix: torch.Tensor, schedule: list[int], state: dict, scheduler,
                        guidance: Guidance, generator: Optional[torch.Generator]) -> torch.Tensor:
         """S autoregressive steps on one frame. prefix: (m*B, N, D) this frame's temporal output;
-        state carries the per-video token order (drawn at the first call). Returns (B, C, H, W)."""
+        state carries the per-video token order (drawn at the first call). Returns (B, C, H, W).
+        Its stages are hook points: ``new_frame_canvas`` (how the frame is held), ``spatial_features``
+        and ``denoise_step_tokens``."""
         c = self.config
         B, m = state["batch"], guidance.passes
-        H, W = c.latent_size
-        canvas = torch.zeros(B, c.image_dim, H, W, device=self.device, dtype=self.dtype)
-        noise = torch.empty_like(canvas)
         L = c.spatial_tokens
-        known = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        canvas = self.new_frame_canvas(B)
+        noise = torch.empty(B, c.image_dim, *c.latent_size, device=self.device, dtype=self.dtype)
         known_ids = torch.zeros(B, 0, dtype=torch.long, device=self.device)
         rope_pos = self.spatial_rope_pos(m * B)
         pos = 0
-        for n in schedule:
+        for i, n in enumerate(schedule):
             if state.get("order") is None:  # once per video, with the caller's generator
                 u = torch.empty(B, L, 1, device=self.device, dtype=self.dtype).uniform_(generator=generator)
                 state["order"] = u.argsort(dim=1).squeeze(-1)
             pred_ids = state["order"][:, pos:pos + n]
             pos += n
-            tokens = self.mask_embed.apply_mask(self.image_encoder.patch_embed(canvas), known)
             ids_m = self.expand_passes(pred_ids, m)
-            z = self.spatial_features(self.expand_passes(tokens, m), prefix, self.expand_passes(known_ids, m),
-                                      rope_pos, ids_m)
+            z = self.spatial_features(self.expand_passes(canvas.encoder_tokens(), m), prefix,
+                                      self.expand_passes(known_ids, m), rope_pos, ids_m)
             noise.normal_(generator=generator)
-            sample = self.denoise_step_tokens(z, noise, ids_m, scheduler, guidance, generator)
-            write = torch.zeros(B, L, 1, dtype=torch.bool, device=self.device).scatter_(1, pred_ids.unsqueeze(-1), True)
-            canvas = canvas + unpatchify(sample * write.to(sample.dtype), self.patch, canvas.shape)
-            known = known | write.squeeze(-1)
+            step_guidance = guidance.at_ar_step(i, len(schedule))  # the scale ramp, if any
+            canvas.write(pred_ids, self.denoise_step_tokens(z, noise, ids_m, scheduler, step_guidance, generator))
             known_ids = torch.cat([known_ids, pred_ids], dim=1)
-        return canvas
+        return canvas.image()
 
     # ---- public generation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -269,14 +298,14 @@ class NOVAModel(nn.Module):
                        spatiotemporal_guidance_scale: float = 0.0, flow_shift: Optional[float] = None,
                        motion_flow: Union[float, Sequence[float]] = 5.0, first_latent: Optional[torch.Tensor] = None,
                        generator: Optional[torch.Generator] = None, fps=None,
-                       guidance: Optional[Guidance] = None) -> torch.Tensor:
+                       guidance: Optional[Guidance] = None, min_guidance_scale: Optional[float] = None) -> torch.Tensor:
         """Latents (B, C, T, H, W). ``first_latent`` (B, C, H, W): image-to-video, frame 0 is given
         (the temporal encoder still runs its step 0). ``guidance``: a ready Guidance object that
-        replaces the five guidance arguments."""
+        replaces the six guidance arguments (``min_guidance_scale``: see ``Guidance``)."""
         c = self.config
         if guidance is None:
             guidance = Guidance(guidance_scale, guidance_trunc, guidance_renorm, image_guidance_scale,
-                                spatiotemporal_guidance_scale)
+                                spatiotemporal_guidance_scale, min_guidance_scale=min_guidance_scale)
         cond = self.encode_condition(text_states, labels, motion_flow=motion_flow, fps=fps)
         B = cond.shape[0]
         uncond = None
