@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import types
 import weakref
 from dataclasses import dataclass, field
 
@@ -49,15 +50,17 @@ class MethodHook:
     """Calls ``before(model, args)`` and ``after(model, args, output)`` around each call of the model
     method ``name``, through an instance attribute wrapping the implementation in place when it was
     installed (the class's, or an accelerator's replacement: attach after ``accelerate``).
-    ``remove()`` puts back what was there, unless something replaced the wrapper meanwhile."""
+    ``remove()`` puts back what was there, unless something replaced the wrapper meanwhile. A deep
+    copy of the model taken meanwhile runs its own implementation, unobserved."""
 
     def __init__(self, model: torch.nn.Module, name: str, before, after):
         self.model, self.name = model, name
         self.previous = model.__dict__.get(name)  # None: the class's method
-        inner = getattr(model, name)
 
-        @functools.wraps(inner)
-        def observed(*args, **kwargs):
+        def observed(owner, *args, **kwargs):
+            inner = self._implementation(owner)
+            if owner is not model:
+                return inner(*args, **kwargs)
             before(model, args)
             output = None
             try:
@@ -66,8 +69,16 @@ class MethodHook:
                 after(model, args, output)
             return output
 
-        self.wrapper = observed
-        model.__dict__[name] = observed
+        # a bound method: deepcopy rebinds it to the copy (as it does the accelerator's replacements)
+        self.wrapper = types.MethodType(functools.wraps(getattr(type(model), name))(observed), model)
+        model.__dict__[name] = self.wrapper
+
+    def _implementation(self, owner):
+        if self.previous is None:
+            return getattr(type(owner), self.name).__get__(owner)
+        if isinstance(self.previous, types.MethodType) and self.previous.__self__ is self.model:
+            return types.MethodType(self.previous.__func__, owner)
+        return self.previous
 
     def remove(self) -> None:
         if self.model.__dict__.get(self.name) is not self.wrapper:

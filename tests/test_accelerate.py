@@ -327,6 +327,16 @@ def test_profiling_sees_the_accelerated_stages(tiny):
     assert calls["temporal"] == 2 and calls["spatial"] == steps
     assert calls["head"] == steps  # one call per AR step: the whole K-step loop
     assert all(v > 0 for v in prof.stage_seconds().values())
+    # a copy taken while profiled runs its own accelerated loop, on its own weights, unobserved
+    with profiling.profiled(fast) as prof:
+        twin = copy.deepcopy(fast)
+        with torch.no_grad():
+            twin.image_decoder.head.bias.add_(1.0)
+        twin_out = _gen(twin, text)
+        assert prof.stage_calls()["head"] == 0
+    same_weights = _gen(nova_fast.accelerate(copy.deepcopy(model)), text)
+    assert (twin_out - same_weights).abs().max() > 0.1, "the copy ran the original model's head loop"
+    assert "denoise_step_tokens" in vars(twin) and twin.denoise_step_tokens.__self__ is twin
     # the profiler's wrapper is gone again: the accelerated loop is back, then the reference's after restore
     assert fast.__dict__["denoise_step_tokens"].__func__ is accelerator.denoise_step_tokens
     nova_fast.restore(fast)
