@@ -58,21 +58,21 @@ def _pop_stage(running: list):
 
 
 def count_ops_by_stage(fn: Callable[[], Any], model, stages: dict[str, str]) -> dict[str, int]:
-    """ATen ops ``fn()`` dispatches, split by the stage module of ``model`` that was running
-    ({stage: attribute name}, e.g. {"head": "image_decoder"}; the outermost one counts when they
-    nest) and "other" for the rest; "total" sums them. View ops count too (on a GPU those launch
-    nothing; every other op is a kernel launch or more)."""
+    """ATen ops ``fn()`` dispatches, split by the stage of ``model`` that was running
+    ({stage: attribute name}, e.g. {"head": "image_decoder"}, found as ``nova_fast.profiling`` finds
+    it; the outermost one counts when they nest) and "other" for the rest; "total" sums them. View
+    ops count too (on a GPU those launch nothing; every other op is a kernel launch or more)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nova_fast.profiling import hook_stage, stage_target
 
     running: list[str] = []
     counts = dict.fromkeys([*stages, "other"], 0)
     handles = []
     for stage, attr in stages.items():
-        module = getattr(model, attr, None)
-        if module is None:
-            continue
-        handles.append(module.register_forward_pre_hook(lambda *_, s=stage: running.append(s)))
-        handles.append(module.register_forward_hook(_pop_stage(running)))
+        target = None if model is None else stage_target(model, stage, attr)  # as the profiler sees it
+        if target is not None:
+            handles += hook_stage(target, lambda *_, s=stage: running.append(s), _pop_stage(running))
 
     class _Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

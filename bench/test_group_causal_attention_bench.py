@@ -181,17 +181,12 @@ def test_group_causal_attention_bench(run_bench_case, case, impl):
 
 
 # ---------------------------------------------------------------- kernel resources (AOT, no GPU)
-# per SM: 64K 32-bit registers (allocated per warp in units of 256), at most 64 warps and 32 CTAs;
-# shared memory per SM: A100 164 KiB, H100 228 KiB, 1 KiB of it reserved per CTA
-SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}
-
-
 def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int, arch: int) -> int:
-    """Resident CTAs per SM of a kernel, from its AOT registers and shared memory."""
-    regs_per_warp = -(-registers * 32 // 256) * 256
-    by_regs = (65536 // regs_per_warp) // num_warps
-    by_shared = SM_SHARED[arch] // (shared_bytes + 1024)
-    return min(by_regs, by_shared, 64 // num_warps, 32)
+    """Resident CTAs per SM of a kernel, from its AOT registers and shared memory (the occupancy
+    model of ``nova_fast.testing.aot_report``, which also names the limiting resource)."""
+    from nova_fast.testing.aot_report import ctas_per_sm as occupancy
+
+    return occupancy(registers, shared_bytes, num_warps * 32, arch)[0]
 
 
 def kernel_resources() -> list[dict]:

@@ -107,6 +107,22 @@ __global__ void guided_step_kernel(const T* __restrict__ out, const T* x, const 
     step_element<T, GUIDE>(out, x, noise, new_x, base + k, pass_stride, c, factor);
 }
 
+// Long groups: where block (group, chunk) = blockIdx.x works, elements [first, last) of its group.
+struct SplitChunk {
+  long long group, base, pass_stride;
+  int first, last;
+};
+
+__device__ __forceinline__ SplitChunk split_chunk(int num_groups, int group_len, int group_stride, int chunks) {
+  SplitChunk at;
+  at.group = blockIdx.x / chunks;
+  at.first = static_cast<int>(blockIdx.x - at.group * chunks) * kSplitChunk;
+  at.last = group_len - at.first < kSplitChunk ? group_len : at.first + kSplitChunk;
+  at.pass_stride = static_cast<long long>(num_groups) * group_stride;
+  at.base = at.group * group_stride;
+  return at;
+}
+
 // Long groups, first pass: block (group, chunk) = blockIdx.x writes its chunk's sums of o0^2 and g1^2
 // to partial[2 * blockIdx.x + {0, 1}].
 template <class T, int GUIDE>
@@ -114,11 +130,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 renorm_partials_kernel(const T* __restrict__ out, const float* __restrict__ scales, float* __restrict__ partial,
                        int num_groups, int group_len, int group_stride, int chunks) {
   __shared__ float scratch[32];
-  const long long group = blockIdx.x / chunks;
-  const int first = static_cast<int>(blockIdx.x - group * chunks) * kSplitChunk;
-  const int last = group_len - first < kSplitChunk ? group_len : first + kSplitChunk;
-  const long long pass_stride = static_cast<long long>(num_groups) * group_stride;
-  const long long base = group * group_stride;
+  const auto [group, base, pass_stride, first, last] = split_chunk(num_groups, group_len, group_stride, chunks);
   const float s = scales[0];
   float cond_sq = 0.0f, guided_sq = 0.0f;
   for (int k = first + static_cast<int>(threadIdx.x); k < last; k += kBlockThreads) {
@@ -144,11 +156,7 @@ guided_step_split_kernel(const T* __restrict__ out, const T* x, const T* __restr
                          const float* __restrict__ partial, int step, int num_groups, int group_len,
                          int group_stride, int chunks, int renorm) {
   __shared__ float scratch[32];
-  const long long group = blockIdx.x / chunks;
-  const int first = static_cast<int>(blockIdx.x - group * chunks) * kSplitChunk;
-  const int last = group_len - first < kSplitChunk ? group_len : first + kSplitChunk;
-  const long long pass_stride = static_cast<long long>(num_groups) * group_stride;
-  const long long base = group * group_stride;
+  const auto [group, base, pass_stride, first, last] = split_chunk(num_groups, group_len, group_stride, chunks);
   const Coefs c = load_coefs(coef, scales, step);
   float factor = 1.0f;
   if (renorm) {

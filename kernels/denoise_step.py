@@ -121,14 +121,20 @@ def guided_step_kernel(out_ptr, x_ptr, noise_ptr, new_x_ptr, coef_ptr, scales_pt
 
 
 @triton.jit
+def _split_chunk(chunks, group_stride, CHUNK: tl.constexpr):
+    # Long groups: program (group, chunk) -> (program id, group, the chunk's first element in its
+    # group, the group's offset as int64).
+    pid = tl.program_id(0)
+    group = pid // chunks
+    return pid, group, (pid - group * chunks) * CHUNK, group.to(tl.int64) * group_stride
+
+
+@triton.jit
 def renorm_partials_kernel(out_ptr, scales_ptr, partial_ptr, group_len, group_stride, pass_stride, chunks,
                            GUIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # Long groups, first pass: program (group, chunk) writes the chunk's sums of o0^2 and g1^2 to
     # partial[group * chunks + chunk] (fp32 pairs).
-    pid = tl.program_id(0)
-    group = pid // chunks
-    first = (pid - group * chunks) * CHUNK
-    base = group.to(tl.int64) * group_stride
+    pid, group, first, base = _split_chunk(chunks, group_stride, CHUNK)
     cols = tl.arange(0, BLOCK)
     s = tl.load(scales_ptr)
     cond_sq = tl.zeros([BLOCK], tl.float32)
@@ -149,10 +155,7 @@ def guided_step_split_kernel(out_ptr, x_ptr, noise_ptr, new_x_ptr, coef_ptr, sca
                              BLOCK: tl.constexpr, PARTS: tl.constexpr):
     # Long groups, second pass: program (group, chunk) steps one CHUNK of its group. With renorm,
     # every program of a group adds the group's partial sums in the same order: one factor per group.
-    pid = tl.program_id(0)
-    group = pid // chunks
-    first = (pid - group * chunks) * CHUNK
-    base = group.to(tl.int64) * group_stride
+    pid, group, first, base = _split_chunk(chunks, group_stride, CHUNK)
     cols = tl.arange(0, BLOCK)
     s = tl.load(scales_ptr)
     s2 = tl.load(scales_ptr + 1)

@@ -14,13 +14,14 @@ Parameters, buffers and the state dict are never touched. What changes:
 | ``modulate``      | ``video_encoder.mixer``                  | ``x0 * (1 + scale) + shift``     | ``modulate(normalize=False)`` on the projection's chunks |
 | ``modulate`` / ``residual_norm`` | ``AdaLNZero.modulate``, ``DiffusionBlock.residual`` of the head | AdaLN-Zero, gated residual | ``modulate``, ``residual_norm(gate=)`` |
 | ``denoise_tokens``| per AR step, the K-step head loop        | head on the whole canvas, K x    | ``denoise_tokens`` on the predicted tokens (CUDA graphs on a GPU) |
-| ``spatial_read``  | the spatial encoder's last block         | every token                      | queries, MLP and final norm only at the tokens the head reads |
+| ``spatial_read``  | ``image_encoder.forward(..., read_ids)`` | every token, then gathered       | the last block's queries, MLP and final norm only at ``read_ids`` |
 | ``pos_embed_table`` | ``image_encoder.add_pos_embed``        | sin-cos table built per call     | the table built once per (width, grid, device, dtype) |
 | ``token_canvas``  | the frame being generated                | latent image rebuilt per AR step | kept as tokens, predicted tokens written in place |
 
 The frame loop itself is the reference's ``NOVAModel.generate_frame``; the accelerated model
-changes it only through its hook points (``new_frame_canvas``, ``spatial_features``,
-``denoise_step_tokens``, and ``temporal_attention_mask`` for training). A model with only the
+changes it only through its hook points (``new_frame_canvas``, ``denoise_step_tokens``, the spatial
+encoder's forward with its public ``read_ids``, and ``temporal_attention_mask`` for training).
+Every replacement keeps the public signature of what it replaces: no private arguments. A model with only the
 released module layout gets the module-level patches and the report names the missing hooks.
 
 Backend: ``backend="auto"`` leaves each op's choice to ``nova_fast.backends`` (auto / set_backend /
@@ -281,10 +282,15 @@ def _norm_args(norm):
 
 
 @_scoped
-def encoder_block(self, x, attn_mask=None, kv_cache=None, rope=None, read_rows=None):
-    """x + LN1(Attn(x)); x + LN2(MLP(x)) with both residuals fused, on 2-D rows (B*N, D) so that
-    each Linear is one GEMM with no reshapes around it. ``read_rows`` (B, n): only those rows'
-    output (keys and values still from every row): the spatial encoder's last block."""
+def encoder_block(self, x, attn_mask=None, kv_cache=None, rope=None):
+    """Block.forward: x + LN1(Attn(x)); x + LN2(MLP(x)) with both residuals fused."""
+    return encoder_block_rows(self, x, attn_mask, kv_cache, rope)
+
+
+def encoder_block_rows(self, x, attn_mask=None, kv_cache=None, rope=None, read_rows=None):
+    """The fused block on 2-D rows (B*N, D), so that each Linear is one GEMM with no reshapes around
+    it. ``read_rows`` (B, n): only those rows' output (keys and values still from every row): the
+    spatial encoder's last block read at ``read_ids``."""
     attn, mlp = self.attn, self.mlp
     B, N, D = x.shape
     w1, b1, e1 = _norm_args(self.norm1)
@@ -360,8 +366,9 @@ def queries_at_rows(attn, x, rows, rope=None):
 
 @_scoped
 def spatial_encoder(self, tokens, prefix=None, known_ids=None, rope_pos=None, read_ids=None):
-    """The spatial encoder; with ``read_ids`` (B, n) its output at those tokens only (B, n, D),
-    the last block computing queries, MLP and final norm at those rows alone."""
+    """SpatialEncoder.forward; with ``read_ids`` (B, n) its output at those tokens only (B, n, D),
+    the last block computing queries, MLP and final norm at those rows alone (the reference
+    encodes every token and gathers)."""
     if read_ids is None:
         return type(self).forward(self, tokens, prefix, known_ids, rope_pos)
     P = 0 if prefix is None else prefix.shape[1]
@@ -369,7 +376,7 @@ def spatial_encoder(self, tokens, prefix=None, known_ids=None, rope_pos=None, re
     blocks = self.blocks[self.encoder_depth:]
     for blk in blocks[:-1]:
         h = blk(h, rope=rope)
-    h = encoder_block(blocks[-1], h, rope=rope, read_rows=read_ids + P)
+    h = encoder_block_rows(blocks[-1], h, rope=rope, read_rows=read_ids + P)
     return self.norm(h)
 
 
@@ -390,11 +397,6 @@ def add_pos_embed(self, tokens):
         with torch.inference_mode(False), torch.no_grad():
             table = tables[key] = sincos_2d(self.dim, *self.base_size, device=tokens.device).to(tokens.dtype)
     return tokens + table
-
-
-@_scoped
-def spatial_features(self, tokens, prefix, known_ids, rope_pos, read_ids):
-    return self.image_encoder(tokens, prefix, known_ids, rope_pos, read_ids=read_ids)
 
 
 @_scoped
@@ -440,16 +442,6 @@ def head_residual(self, x, y, gate):
     return residual_norm(unit_stride_rows(x), y, w, b, gate=gate, eps=eps)
 
 
-@_scoped
-def head_forward(self, x, timestep=None, z=None, pred_ids=None, *, denoise=None):
-    """The head per call (fused adaLN through the patched blocks), or, with ``denoise`` (a dict of
-    denoise_tokens arguments), the whole K-step loop of one AR step as one call of this module,
-    so profiling hooks see it as the head stage."""
-    if denoise is None:
-        return type(self).forward(self, x, timestep, z, pred_ids)
-    return denoise_tokens(self, z, x, pred_ids=pred_ids, **denoise)
-
-
 def canvas_renorm(guidance) -> bool:
     """Guidance renorm over the whole canvas (the released scope): its norms include the tokens not
     being predicted, which ``denoise_tokens`` never touches, so the reference loop runs."""
@@ -459,15 +451,13 @@ def canvas_renorm(guidance) -> bool:
 
 @_scoped
 def denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator=None):
-    """NOVAModel.denoise_step_tokens through denoise_tokens: the denoised predicted tokens (B, n, P),
-    as one call of the head module (profiling hooks see the head stage once per AR step)."""
+    """NOVAModel.denoise_step_tokens through denoise_tokens: the denoised predicted tokens (B, n, P)."""
     if canvas_renorm(guidance):
         backends.record("denoise_tokens", "torch", "accelerate: renorm over the whole canvas is not token-local: "
                         "reference loop")
         return type(self).denoise_step_tokens(self, z, noise, pred_ids, scheduler, guidance, generator)
-    return self.image_decoder(noise, None, z, pred_ids, denoise=dict(
-        scheduler=scheduler, guidance=guidance, generator=generator,
-        cuda_graphs=self.__dict__[STATE]["cuda_graphs"]))
+    return denoise_tokens(self.image_decoder, z, noise, pred_ids=pred_ids, scheduler=scheduler, guidance=guidance,
+                          generator=generator, cuda_graphs=self.__dict__[STATE]["cuda_graphs"])
 
 
 class TokenCanvas:
@@ -559,13 +549,11 @@ PATCHES = (
     Patch("attention", "image_encoder.blocks[].attn", "attend", attend),
     Patch("attention", "", "temporal_attention_mask", temporal_attention_mask, optional=True),
     Patch("spatial_read", "image_encoder", "forward", spatial_encoder),
-    Patch("spatial_read", "", "spatial_features", spatial_features, optional=True),
     Patch("pos_embed_table", "image_encoder", "add_pos_embed", add_pos_embed, optional=True),
     Patch("modulate", "video_encoder.mixer", "forward", video_mixer, optional=True),
     Patch("modulate", "image_decoder.blocks[].norm1", "modulate", adaln_modulate),
     Patch("modulate", "image_decoder.norm", "modulate", adaln_modulate),
     Patch("residual_norm", "image_decoder.blocks[]", "residual", head_residual),
-    Patch("denoise_tokens", "image_decoder", "forward", head_forward),
     Patch("denoise_tokens", "", "denoise_step_tokens", denoise_step_tokens, optional=True),
     Patch("token_canvas", "", "new_frame_canvas", new_frame_canvas, optional=True),
     # no kernel: one backend scope for the whole call instead of one per patched method

@@ -469,11 +469,12 @@ class ParallelGeneration:
         return forward
 
     def _spatial_forward(self, original: Callable) -> Callable:
-        def forward(tokens, prefix=None, known_ids=None, rope_pos=None):
+        def forward(tokens, prefix=None, known_ids=None, rope_pos=None, read_ids=None):
             rows = tokens.shape[0]
             idx, _ = self._local_rows(rows)
             out = original(self._take(tokens, idx, rows), self._take(prefix, idx, rows),
-                           self._take(known_ids, idx, rows), self._take(rope_pos, idx, rows))
+                           self._take(known_ids, idx, rows), self._take(rope_pos, idx, rows),
+                           self._take(read_ids, idx, rows))
             return self._scatter_rows(out, idx, rows)
         return forward
 

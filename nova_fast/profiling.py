@@ -3,7 +3,10 @@
 NOVA's generation time splits into the temporal encoder (one pass per latent frame), the spatial
 encoder (one pass per autoregressive step) and the diffusion head (K calls per step). This module
 finds those stages by their released attribute names (``video_encoder``, ``image_encoder``,
-``image_decoder``) and hangs forward pre/post hooks on them, so the model itself is never edited:
+``image_decoder``) and hangs forward pre/post hooks on them, so the model's code is never edited.
+Where the model has the reference's per-AR-step hook point for the head (``denoise_step_tokens``,
+the K-step loop), the head stage is timed around that method instead, one call per AR step: an
+accelerated model runs that loop fused and never calls the head module (``STAGE_METHODS``).
 
 * on a GPU each stage call (and, with ``per_layer=True``, each block) is an NVTX range, so
   ``nsys`` and ``ncu --nvtx`` see ``nova.temporal``, ``nova.spatial.block07``, ``nova.head``;
@@ -20,7 +23,9 @@ When profiling is off there are no hooks at all, hence no cost::
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
+import types
 import weakref
 from dataclasses import dataclass, field
 
@@ -28,6 +33,9 @@ import torch
 
 # stage label -> attribute of the NOVA model (the released checkpoint names)
 STAGES = {"temporal": "video_encoder", "spatial": "image_encoder", "head": "image_decoder"}
+# stage label -> the model method that runs the whole stage of one step, where the model's class has
+# it: timed around that call instead of the module's forward (see the module docstring)
+STAGE_METHODS = {"head": "denoise_step_tokens"}
 RANGE_PREFIX = "nova"   # ranges: nova.temporal, nova.spatial, nova.head, nova.spatial.block07 (no "/":
                         # ncu's --nvtx-include uses "/" to separate nested push/pop ranges)
 
@@ -36,6 +44,70 @@ def range_name(stage: str, block: int | None = None) -> str:
     return f"{RANGE_PREFIX}.{stage}" + ("" if block is None else f".block{block:02d}")
 
 _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, StageProfiler]" = weakref.WeakKeyDictionary()
+
+
+class MethodHook:
+    """Calls ``before(model, args)`` and ``after(model, args, output)`` around each call of the model
+    method ``name``, through an instance attribute wrapping the implementation in place when it was
+    installed (the class's, or an accelerator's replacement: attach after ``accelerate``).
+    ``remove()`` puts back what was there, unless something replaced the wrapper meanwhile. A deep
+    copy of the model taken meanwhile runs its own implementation, unobserved."""
+
+    def __init__(self, model: torch.nn.Module, name: str, before, after):
+        self.model, self.name = model, name
+        self.previous = model.__dict__.get(name)  # None: the class's method
+
+        def observed(owner, *args, **kwargs):
+            inner = self._implementation(owner)
+            if owner is not model:
+                return inner(*args, **kwargs)
+            before(model, args)
+            output = None
+            try:
+                output = inner(*args, **kwargs)
+            finally:
+                after(model, args, output)
+            return output
+
+        # a bound method: deepcopy rebinds it to the copy (as it does the accelerator's replacements)
+        self.wrapper = types.MethodType(functools.wraps(getattr(type(model), name))(observed), model)
+        model.__dict__[name] = self.wrapper
+
+    def _implementation(self, owner):
+        if self.previous is None:
+            return getattr(type(owner), self.name).__get__(owner)
+        if isinstance(self.previous, types.MethodType) and self.previous.__self__ is self.model:
+            return types.MethodType(self.previous.__func__, owner)
+        return self.previous
+
+    def remove(self) -> None:
+        if self.model.__dict__.get(self.name) is not self.wrapper:
+            return
+        if self.previous is None:
+            del self.model.__dict__[self.name]
+        else:
+            self.model.__dict__[self.name] = self.previous
+
+
+def stage_target(model: torch.nn.Module, stage: str, attr: str | None = None):
+    """What a stage is observed on: ("method", model, method name) where the model's class has the
+    stage's ``STAGE_METHODS`` entry, else ("module", module, attr) for the module ``model.<attr>``
+    (``attr`` defaults to ``STAGES[stage]``), or None when the model has neither."""
+    method = STAGE_METHODS.get(stage)
+    if method is not None and callable(getattr(type(model), method, None)):
+        return "method", model, method
+    attr = STAGES.get(stage) if attr is None else attr
+    module = getattr(model, attr, None) if attr else None
+    return ("module", module, attr) if isinstance(module, torch.nn.Module) else None
+
+
+def hook_stage(target, before, after) -> list:
+    """Hooks calling ``before(obj, args)`` / ``after(obj, args, output)`` around every call of a
+    ``stage_target`` (also when the call raises); each handle has ``remove()``."""
+    kind, obj, name = target
+    if kind == "method":
+        return [MethodHook(obj, name, before, after)]
+    return [obj.register_forward_pre_hook(before), obj.register_forward_hook(after, always_call=True)]
 
 
 @dataclass
@@ -67,29 +139,29 @@ class StageProfiler:
         self._open: dict[str, list] = {}  # range name -> stack of open (start, record_function ctx)
 
     # ---- attach / detach -------------------------------------------------------------------
-    def targets(self) -> list[tuple[str, torch.nn.Module]]:
-        """(range name, module) for every stage the model has, plus blocks when per_layer."""
+    def targets(self) -> list[tuple[str, tuple]]:
+        """(range name, ``stage_target``) for every stage the model has, plus blocks when per_layer."""
         found = []
         self.missing = []
         for stage, attr in STAGES.items():
-            module = getattr(self.model, attr, None)
-            if not isinstance(module, torch.nn.Module):
+            target = stage_target(self.model, stage)
+            if target is None:
                 self.missing.append(attr)
                 continue
-            found.append((range_name(stage), module))
-            blocks = getattr(module, "blocks", None)
+            found.append((range_name(stage), target))
+            blocks = getattr(getattr(self.model, attr, None), "blocks", None)
             if self.per_layer and isinstance(blocks, (torch.nn.ModuleList, torch.nn.Sequential, list)):
                 for i, block in enumerate(blocks):
-                    found.append((range_name(stage, i), block))
+                    found.append((range_name(stage, i), ("module", block, f"{attr}.blocks.{i}")))
         return found
 
     def attach(self) -> "StageProfiler":
         if self._handles:
             return self
-        for name, module in self.targets():
+        for name, target in self.targets():
             self.stats.setdefault(name, RangeStats())
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, module)))
-            self._handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
+            # target[1]: the module, or the model for a method stage (its parameters' device sets the clock)
+            self._handles += hook_stage(target, self._pre_hook(name, target[1]), self._post_hook(name))
         return self
 
     def detach(self) -> None:

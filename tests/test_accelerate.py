@@ -101,9 +101,14 @@ def test_mid_config_matches_reference():
                      "mid")
 
 
-def test_spatial_encoder_read_at_tokens_equals_full_encoder(tiny):
-    """The last block computes queries, MLP and norm only at the read tokens; equal to encoding every
-    token and gathering, with known tokens, prefix and guidance passes."""
+@pytest.mark.parametrize("rope", [False, True])
+def test_spatial_encoder_read_at_tokens_equals_full_encoder(tiny, rope):
+    """SpatialEncoder.forward's public ``read_ids``: the reference encodes every token and gathers
+    those rows; the accelerated encoder computes the last block's queries, MLP and norm only at
+    them. Both equal the full encoder's output at those rows, with known tokens, prefix, RoPE and
+    guidance passes (4 rows, each with its own read ids)."""
+    from nova_fast.reference.layers import RotaryEmbed3D, gather_tokens
+
     model, _ = tiny
     fast = nova_fast.accelerate(copy.deepcopy(model))
     g = torch.Generator().manual_seed(0)
@@ -111,11 +116,16 @@ def test_spatial_encoder_read_at_tokens_equals_full_encoder(tiny):
     tokens, prefix = torch.randn(B, L, D, generator=g), torch.randn(B, 7, D, generator=g)
     order = torch.rand(B, L, generator=g).argsort(1)
     known, read = order[:, :9], order[:, 9:14]
+    pos = RotaryEmbed3D.grid(1, *model.config.spatial_grid).unsqueeze(0).expand(B, -1, -1) if rope else None
     with torch.no_grad():
-        want = model.spatial_features(tokens, prefix, known, None, read)
-        got = fast.spatial_features(tokens, prefix, known, None, read)
-    assert got.shape == (B, 5, D)
+        full = gather_tokens(model.image_encoder(tokens, prefix, known, pos), read)
+        want = model.image_encoder(tokens, prefix, known, pos, read)
+        got = fast.image_encoder(tokens, prefix, known, pos, read_ids=read)
+        via_loop = fast.spatial_features(tokens, prefix, known, pos, read)
+    assert want.shape == got.shape == (B, 5, D)
+    assert torch.equal(want, full)
     assert_rel_close(got, want, 1e-5, "spatial read")
+    assert_rel_close(via_loop, want, 1e-5, "spatial read through the frame loop's stage")
 
 
 def test_fewer_dispatched_ops_per_frame(tiny):
@@ -317,6 +327,37 @@ def test_profiling_sees_the_accelerated_stages(tiny):
     assert calls["temporal"] == 2 and calls["spatial"] == steps
     assert calls["head"] == steps  # one call per AR step: the whole K-step loop
     assert all(v > 0 for v in prof.stage_seconds().values())
+    # a copy taken while profiled runs its own accelerated loop, on its own weights, unobserved
+    with profiling.profiled(fast) as prof:
+        twin = copy.deepcopy(fast)
+        with torch.no_grad():
+            twin.image_decoder.head.bias.add_(1.0)
+        twin_out = _gen(twin, text)
+        assert prof.stage_calls()["head"] == 0
+    same_weights = _gen(nova_fast.accelerate(copy.deepcopy(model)), text)
+    assert (twin_out - same_weights).abs().max() > 0.1, "the copy ran the original model's head loop"
+    assert "denoise_step_tokens" in vars(twin) and twin.denoise_step_tokens.__self__ is twin
+    # the profiler's wrapper is gone again: the accelerated loop is back, then the reference's after restore
+    assert fast.__dict__["denoise_step_tokens"].__func__ is accelerator.denoise_step_tokens
+    nova_fast.restore(fast)
+    assert "denoise_step_tokens" not in fast.__dict__
+    with profiling.profiled(fast) as prof:   # the reference: the same head stage, one call per AR step
+        _gen(fast, text)
+    assert prof.stage_calls() == calls
+
+
+def test_bench_op_split_sees_the_accelerated_head(tiny):
+    """The bench's ops-per-stage split finds the head stage as the profiler does: the fused loop's
+    ops count as head ops, not "other"."""
+    from bench.case import count_ops_by_stage
+    from nova_fast.profiling import STAGES
+
+    model, text = tiny
+    fast = nova_fast.accelerate(copy.deepcopy(model))
+    counts = count_ops_by_stage(lambda: _gen(fast, text, num_latent_frames=1), fast, STAGES)
+    assert counts["head"] > counts["other"] and counts["spatial"] > 0 and counts["temporal"] > 0
+    assert "denoise_step_tokens" in fast.__dict__ and fast.__dict__["denoise_step_tokens"].__func__ is \
+        accelerator.denoise_step_tokens
 
 
 def test_cached_views_follow_weight_edits(tiny):
@@ -427,3 +468,23 @@ def test_backend_choice_stays_with_its_model_and_thread(tiny):
 def _call_scoped(model, fn, *args):
     """Call fn inside the accelerated model's backend scope (as any of its patched methods does)."""
     return accelerator._scoped(lambda self, *a: fn(*a))(model, *args)
+
+
+def test_every_replacement_keeps_the_public_signature(tiny):
+    """No private arguments threaded through reference modules: each replacement in PATCHES takes
+    exactly the parameters (names and order) of the reference method it replaces."""
+    import inspect
+
+    model, _ = tiny
+    fast = nova_fast.accelerate(copy.deepcopy(model))
+    checked = 0
+    for patch in accelerator.PATCHES:
+        for obj, path in accelerator._targets(fast, patch.where):
+            ref = getattr(type(obj), patch.method)
+            want = [p for p in inspect.signature(ref).parameters if p != "self"]
+            got = [p for p in inspect.signature(patch.replacement).parameters if p != "self"]
+            if got == ["args", "kwargs"]:  # generate_video / training_losses: a backend scope around the original
+                continue
+            assert got == want, f"{path or '<model>'}.{patch.method}: {got} != reference {want}"
+            checked += 1
+    assert checked >= 10

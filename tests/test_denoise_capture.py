@@ -24,6 +24,7 @@ LIBRARIES = tuple(str(Path(m.__file__).resolve().parent) for m in (torch, pytest
 SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 BUILDERS = ("tensor", "as_tensor", "from_numpy")
 FACTORIES = ("empty", "zeros", "ones", "full", "arange", "rand", "randn", "linspace")
+SCRATCH_FACTORIES = ("empty", "zeros", "ones", "full")  # buffers made to be filled: scratch space
 
 
 def _ours(frame) -> bool:
@@ -33,8 +34,10 @@ def _ours(frame) -> bool:
 class HostSyncGuard:
     """Records the host-synchronising calls made from non-library code while active."""
 
-    def __init__(self, monkeypatch):
-        self.calls, self.monkeypatch, self.active = [], monkeypatch, False
+    def __init__(self, monkeypatch, allocations: bool = False):
+        """``allocations``: also record empty / zeros / ones / full calls that name a device (a
+        buffer allocated inside the captured region, such as a kernel's scratch space per call)."""
+        self.calls, self.monkeypatch, self.active, self.allocations = [], monkeypatch, False, allocations
 
     def _record(self, what):
         frame = sys._getframe(2)
@@ -62,6 +65,8 @@ class HostSyncGuard:
             def factory(*args, _original=original, _name=name, **kwargs):
                 if kwargs.get("device") is None:
                     self._record(f"torch.{_name} without device=")
+                elif self.allocations and _name in SCRATCH_FACTORIES:
+                    self._record(f"torch.{_name} (an allocation)")
                 return _original(*args, **kwargs)
             self.monkeypatch.setattr(torch, name, factory)
         return self
@@ -74,9 +79,9 @@ class HostSyncGuard:
         self.active = False
 
 
-def _loop_inputs(kind, guide, renorm, trunc_step, n=5, n_pad=8, B=2, K=5):
+def _loop_inputs(kind, guide, renorm, trunc_step, n=5, n_pad=8, B=2, K=5, depth=2):
     torch.manual_seed(0)
-    head = DiffusionMLP(depth=2, width=32, cond_dim=24).eval()
+    head = DiffusionMLP(depth=depth, width=32, cond_dim=24).eval()
     w = op.head_weights(head)
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2") if kind == "ddpm" else FlowMatchEulerScheduler()
     scheduler.set_timesteps(K)
@@ -102,7 +107,7 @@ def test_captured_body_never_syncs_with_the_host(monkeypatch, kind, guide, renor
     if not cpu_kernel:
         monkeypatch.setattr(cpu_kernels, "available_for", lambda *tensors: False)
     head, w, plan, inputs = _loop_inputs(kind, guide, renorm, trunc_step)
-    body = op.loop_body(head, w, plan, "torch")
+    body = op.loop_body(head, w, plan, "torch", inputs[0])
     with torch.no_grad():
         body(*inputs)  # first call outside the guard (lazy imports, kernel loading), as the warm-up is
     guard = HostSyncGuard(monkeypatch).install()
@@ -125,8 +130,56 @@ def test_the_guard_sees_a_sync_inside_the_body(monkeypatch):
     monkeypatch.setattr(op, "time_embedding", syncing_time_embedding)
     guard = HostSyncGuard(monkeypatch).install()
     with guard, torch.no_grad():
-        op.loop_body(head, w, plan, "torch")(*inputs)
+        op.loop_body(head, w, plan, "torch", inputs[0])(*inputs)
     assert any("Tensor.item" in c for c in guard.calls), guard.calls
+
+
+LONG_GROUP_TOKENS = 260  # 260 tokens x 16 values > the step kernel's split chunk: renorm needs a workspace
+
+
+def _long_group_body(monkeypatch, split_chunk=None):
+    """The Triton backend's loop body (interpreted here) on renorm groups longer than one chunk, the
+    case whose step kernel needs a scratch workspace; ``split_chunk`` shrinks the chunk instead."""
+    kernel = pytest.importorskip("nova_fast.kernels.denoise_step")
+    if split_chunk is not None:
+        monkeypatch.setattr(kernel, "SPLIT_CHUNK", split_chunk)
+    n = LONG_GROUP_TOKENS
+    head, w, plan, inputs = _loop_inputs("ddpm", op.GUIDE_CFG, True, None, n=n, n_pad=n, B=1, K=2, depth=1)
+    assert kernel.workspace_floats(1, plan.group_len, True) > 0, "this case must need the workspace"
+    return head, w, plan, inputs
+
+
+def test_captured_body_allocates_no_step_workspace(monkeypatch):
+    """The long-group renorm step reads partial sums from a workspace: the body must receive it
+    (allocated once per loop, outside the captured region) instead of allocating one per step."""
+    head, w, plan, inputs = _long_group_body(monkeypatch)
+    body = op.loop_body(head, w, plan, "triton", inputs[0])
+    with torch.no_grad():
+        want = body(*inputs)
+    guard = HostSyncGuard(monkeypatch, allocations=True).install()
+    with guard, torch.no_grad():
+        out = body(*inputs)
+    assert guard.calls == [], guard.calls
+    assert torch.isfinite(out).all() and torch.allclose(out, want)
+    eager = op.denoise_loop  # the same loop without the workspace: the kernel allocates per step
+    with torch.no_grad():
+        temb = op.time_embedding(head, inputs[2]).unsqueeze(1)
+        cond = op.condition_projection(head, inputs[1]).reshape(1, plan.passes * inputs[0].shape[1], w.width)
+        ref = eager(w, plan, inputs[0].clone(), cond, temb, inputs[5], inputs[3], inputs[4], backend="torch")
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_guard_sees_a_workspace_allocated_inside_the_body(monkeypatch):
+    """The allocation check can fail: without the loop's workspace the kernel makes one per step."""
+    head, w, plan, inputs = _long_group_body(monkeypatch)
+    monkeypatch.setattr(op.LoopPlan, "workspace", lambda self, backend, x: None)
+    body = op.loop_body(head, w, plan, "triton", inputs[0])
+    with torch.no_grad():
+        body(*inputs)
+    guard = HostSyncGuard(monkeypatch, allocations=True).install()
+    with guard, torch.no_grad():
+        body(*inputs)
+    assert any("torch.empty (an allocation) at denoise_step.py" in c for c in guard.calls), guard.calls
 
 
 # ---------------------------------------------------------------- graph keys
@@ -182,7 +235,7 @@ def test_captures_keep_what_they_read_alive(monkeypatch):
     graphs.clear()
     head, w, plan, inputs = _loop_inputs("flow", op.GUIDE_NONE, False, None)
     x = inputs[0]
-    graphs.run_captured(op.graph_key(w, plan, x, inputs[1], inputs[5], "cuda"), op.loop_body(head, w, plan, "cuda"),
+    graphs.run_captured(op.graph_key(w, plan, x, inputs[1], inputs[5], "cuda"), op.loop_body(head, w, plan, "cuda", x),
                         inputs, keep_alive=(head, w))
     assert kept and kept[0][1] is w
     graphs.clear()

@@ -152,9 +152,6 @@ COMPAT_SPILLS_ALLOWED = {
     # the unaligned (worst-case) compile of the gated residual kernels spills under either triton;
     # test_modulate checks that the aligned compile NOVA's tensors get is spill-free
     ("nova_fast.kernels.adaln", "residual_norm_"): None,
-    # triton 3.6 only: the d64 dK/dV backward at 64x128 tiles needs 24 B of local memory on sm_80
-    # (none on sm_90, none with the current triton); an A100 training run on triton 3.6 pays for it
-    ("nova_fast.kernels.group_causal_attention", "bwd dkdv bf16 d64 64x128 w8@80"): 24,
 }
 
 

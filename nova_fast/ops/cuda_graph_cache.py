@@ -36,7 +36,8 @@ class CapturedLoop:
     """Static input buffers, one captured graph of ``body``, and its static output."""
 
     def __init__(self, body, inputs: tuple, keep_alive=None):
-        self.keep_alive = keep_alive
+        # the graph also reads what body's closure holds (e.g. the step kernel's workspace) by address
+        self.body, self.keep_alive = body, keep_alive
         self.inputs = [_clone(v) for v in inputs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -88,12 +88,32 @@ def steps_in_place(backend: str, x) -> bool:
     return backend != "torch" or cpu_kernels.available_for(x)
 
 
+def workspace_floats(backend: str, num_groups: int, group_len: int, renorm: bool) -> int:
+    """fp32 elements of the scratch space one step of the ``backend`` kernel needs (partial sums of
+    long renorm groups); 0: none (always for ``torch``)."""
+    if not renorm or backend == "torch":
+        return 0
+    if backend == "triton":
+        from nova_fast.kernels import denoise_step as kernel
+
+        return kernel.workspace_floats(num_groups, group_len, renorm)
+    return int(backends.load_extension().denoise_step_workspace_floats(num_groups, group_len, renorm))
+
+
+def step_workspace(backend: str, num_groups: int, group_len: int, renorm: bool, device) -> torch.Tensor | None:
+    """The scratch space of ``workspace_floats``, allocated once for a whole loop (outside any CUDA
+    graph capture, so the captured steps allocate nothing); None when the kernel needs none."""
+    floats = workspace_floats(backend, num_groups, group_len, renorm)
+    return torch.empty(floats, device=device, dtype=torch.float32) if floats else None
+
+
 def guided_step(out, x, noise, coef, scales, step: int, *, guide: int, renorm: bool, group_len: int,
-                group_stride: int | None = None, new_x=None, backend: str | None = None):
+                group_stride: int | None = None, new_x=None, backend: str | None = None, workspace=None):
     """One fused guidance + scheduler step on the chosen backend (None: resolve for this call).
 
     Writes into ``new_x`` when given (kernels may alias it with ``x``: in place), else returns a new
-    tensor. Under ``torch.compile`` it runs as the custom op ``nova_fast::denoise_guided_step``."""
+    tensor. ``workspace``: ``step_workspace(...)`` for these sizes (the kernels allocate one per call
+    without it). Under ``torch.compile`` it runs as the custom op ``nova_fast::denoise_guided_step``."""
     group_stride = group_len if group_stride is None else group_stride
     if torch.compiler.is_compiling():
         result = guided_step_op(out, x, noise, coef, scales, int(step), int(guide), bool(renorm), int(group_len),
@@ -117,10 +137,10 @@ def guided_step(out, x, noise, coef, scales, step: int, *, guide: int, renorm: b
         from nova_fast.kernels import denoise_step as kernel
 
         kernel.guided_step(out, x, noise, new_x, coef, scales, step, guide=int(guide), renorm=renorm,
-                           group_len=group_len, group_stride=group_stride)
+                           group_len=group_len, group_stride=group_stride, workspace=workspace)
     else:
         backends.load_extension().denoise_guided_step(out, x, noise, new_x, coef, scales, step, group_len,
-                                                      group_stride, int(guide), renorm)
+                                                      group_stride, int(guide), renorm, workspace)
     return new_x
 
 

@@ -32,7 +32,7 @@ from nova_fast.ops import cuda_graph_cache
 from nova_fast.ops._checks import check_tensor
 from nova_fast.ops.denoise_step import (  # noqa: F401  (re-exported: the step is this op's kernel)
     COEF_COLUMNS, GUIDE_CFG, GUIDE_IMAGE, GUIDE_NONE, GUIDE_STG, OP, PASSES, fold_coefficients, guided_step,
-    guided_step_op, guided_step_torch, steps_in_place)
+    guided_step_op, guided_step_torch, step_workspace, steps_in_place)
 
 # The adaLN statistics of several steps are computed in one GEMM, up to this many bytes at once.
 PRECOMPUTE_BYTES = 256 << 20
@@ -184,10 +184,12 @@ def head_forward_rows(w: HeadWeights, x_rows, act_rows, passes: int, ada_stats=N
     return torch.baddbmm(w.head_b, modulate(h, scale, shift, eps=w.ada_eps[-1]), w.head_wt)
 
 
-def denoise_loop(w: HeadWeights, plan: "LoopPlan", x, cond, temb, noises, coef, scales, *, backend: str):
+def denoise_loop(w: HeadWeights, plan: "LoopPlan", x, cond, temb, noises, coef, scales, *, backend: str,
+                 workspace=None):
     """The K steps on token rows. x (1, B * n_stride, P) is the initial sample (updated in place
     by the kernels: see ``steps_in_place``); cond (1, passes * B * n_stride, W); temb (K, 1, W);
-    noises: K entries, a (1, B * n_stride, P) tensor or None. Returns the final sample
+    noises: K entries, a (1, B * n_stride, P) tensor or None; workspace: ``plan.workspace(...)``,
+    the step kernel's scratch space, allocated before the loop. Returns the final sample
     (1, B * n_stride, P)."""
     rows = x.shape[1]
     in_place = steps_in_place(backend, x)
@@ -208,18 +210,24 @@ def denoise_loop(w: HeadWeights, plan: "LoopPlan", x, cond, temb, noises, coef, 
         out = head_forward_rows(w, x, None, passes, ada_stats=step_stats)
         x = guided_step(out, x, noises[i], coef, scales, i, guide=GUIDE_NONE if truncated else plan.guide,
                         renorm=plan.renorm and not truncated, group_len=plan.group_len,
-                        group_stride=plan.group_stride, new_x=x if in_place else None, backend=backend)
+                        group_stride=plan.group_stride, new_x=x if in_place else None, backend=backend,
+                        workspace=workspace)
     return x
 
 
-def loop_body(head, w: HeadWeights, plan: "LoopPlan", backend: str):
+def loop_body(head, w: HeadWeights, plan: "LoopPlan", backend: str, x):
     """The function a CUDA graph captures: from the static inputs (x, z rows, head timesteps, step
     table, scales, per-step noise) to the final sample, all on the device. Its own copy of x is
-    the loop's state (the kernels update it in place), so the input buffer survives a replay."""
+    the loop's state (the kernels update it in place), so the input buffer survives a replay. The
+    step kernel's workspace for samples like ``x`` is allocated here, once, outside the body (the
+    capture keeps the body, hence the workspace, alive)."""
+    workspace = plan.workspace(backend, x)
+
     def body(x, z_rows, head_t, coef, scales, step_noise):
         temb = time_embedding(head, head_t).unsqueeze(1)
         cond = condition_projection(head, z_rows).reshape(1, plan.passes * x.shape[1], w.width)
-        return denoise_loop(w, plan, x.clone(), cond, temb, step_noise, coef, scales, backend=backend)
+        return denoise_loop(w, plan, x.clone(), cond, temb, step_noise, coef, scales, backend=backend,
+                            workspace=workspace)
     return body
 
 
@@ -236,6 +244,11 @@ class LoopPlan:
 
     def key(self):
         return (self.steps, self.guide, self.renorm, self.trunc_step, self.group_len, self.group_stride)
+
+    def workspace(self, backend: str, x):
+        """The step kernel's scratch space for the sample ``x`` (one renorm group per group_stride
+        elements): one per loop, None when the kernel needs none (``denoise_step.step_workspace``)."""
+        return step_workspace(backend, x.numel() // self.group_stride, self.group_len, self.renorm, x.device)
 
 
 def step_table(scheduler, device):
@@ -427,7 +440,7 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
         step_noise = [next(rows) if d else None for d in table.draws]
     if use_graphs:
         out = cuda_graph_cache.run_captured(graph_key(w, plan, x, z_rows, step_noise, backend),
-                                            loop_body(head, w, plan, backend),
+                                            loop_body(head, w, plan, backend, x),
                                             (x, z_rows, table.timesteps, table.coef, scales, step_noise),
                                             keep_alive=(head, w))
     else:
@@ -436,7 +449,7 @@ def denoise_tokens(head, z, noise, scheduler, guidance=None, *, generator=None, 
             cond = condition_projection(head, z_rows).reshape(1, passes * B * n_pad, w.width)
             copy_first = steps_in_place(backend, x) and not own_x
             out = denoise_loop(w, plan, x.clone() if copy_first else x, cond, temb, step_noise, table.coef, scales,
-                               backend=backend)
+                               backend=backend, workspace=plan.workspace(backend, x))
     out = out.reshape(B, n_pad, P)
     return out if n_pad == n else out[:, :n]
 

@@ -12,8 +12,9 @@ Readable like the paper, one file per concern; it never imports ``nova_fast.ops`
 Hot paths an accelerator may replace by attribute (each is one method with plain tensor arguments):
 - ``layers.Attention.attend(q, k, v, attn_mask)``: the attention core, (B, H, N, d) tensors;
 - ``NOVAModel.temporal_attention_mask(group_ids)``: the block-causal training mask (bool, True = attend);
-- ``NOVAModel.spatial_features(tokens, prefix, known_ids, rope_pos, read_ids)``: the spatial encoder
-  read at the predicted tokens (``SpatialEncoder.prepare`` is everything before its second half);
+- ``SpatialEncoder.forward(tokens, prefix, known_ids, rope_pos, read_ids)``: the spatial encoder, read
+  at the predicted tokens when ``read_ids`` is given (``SpatialEncoder.prepare`` is everything before
+  its second half); ``NOVAModel.spatial_features`` is the frame loop's call of it;
 - ``NOVAModel.denoise_step_tokens(z, noise, pred_ids, scheduler, guidance, generator)``: the K-step
   denoising loop of one AR step (returns the predicted tokens (B, n, P));
 - ``NOVAModel.new_frame_canvas(batch)``: how ``generate_frame`` holds the frame being generated

@@ -3,7 +3,8 @@
 - ``TemporalEncoder`` (``video_encoder``): frame tokens (video patch) with the condition prefix,
   block-causal over frames: one dense pass with a mask in training, a KV cache in generation.
 - ``SpatialEncoder`` (``image_encoder``): one frame's tokens (image patch) with the temporal output
-  as prefix; the first half of its blocks sees only the known tokens, the second half all tokens.
+  as prefix; the first half of its blocks sees only the known tokens, the second half all tokens;
+  ``read_ids`` asks for its output at some tokens only (those the head will predict).
 - ``VideoMixer`` (``video_encoder.mixer``): modulates the first frame's temporal output by the
   current frame's: x0 * (1 + scale) + shift.
 """
@@ -124,11 +125,16 @@ class SpatialEncoder(nn.Module):
         return torch.cat([prefix_out, scatter_tokens(x, known_ids, known_out)], dim=1), rope_all
 
     def forward(self, tokens: torch.Tensor, prefix: Optional[torch.Tensor] = None,
-                known_ids: Optional[torch.Tensor] = None, rope_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                known_ids: Optional[torch.Tensor] = None, rope_pos: Optional[torch.Tensor] = None,
+                read_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (B, L, D): patch-embedded frame with unknown tokens already replaced by the mask
         token; prefix (B, P, D); known_ids (B, k) the known tokens (k may be 0), or None to run all
-        blocks on all tokens; rope_pos (B, L, 3) token positions with RoPE. Returns (B, L, D)."""
+        blocks on all tokens; rope_pos (B, L, 3) token positions with RoPE. Returns (B, L, D), or
+        with ``read_ids`` (B, n) the output at those tokens only, (B, n, D): here every token is
+        encoded and those rows are gathered (a faster implementation may compute only those rows
+        where the math allows: the last block's queries, MLP and norm are per token)."""
         P = 0 if prefix is None else prefix.shape[1]
         h, rope_all = self.prepare(tokens, prefix, known_ids, rope_pos)
         h = self.encode_all(h, rope_all)
-        return self.norm(h[:, P:])
+        out = self.norm(h[:, P:])
+        return out if read_ids is None else gather_tokens(out, read_ids)

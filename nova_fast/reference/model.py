@@ -222,8 +222,8 @@ class NOVAModel(nn.Module):
     def spatial_features(self, tokens: torch.Tensor, prefix: torch.Tensor, known_ids: torch.Tensor,
                          rope_pos: Optional[torch.Tensor], read_ids: torch.Tensor) -> torch.Tensor:
         """The spatial encoder on the canvas tokens (m*B, L, D), read at the tokens the head will
-        predict: read_ids (m*B, n) -> (m*B, n, D). The released model encodes every token and gathers."""
-        return gather_tokens(self.image_encoder(tokens, prefix, known_ids, rope_pos), read_ids)
+        predict: read_ids (m*B, n) -> (m*B, n, D) (``SpatialEncoder.forward``'s ``read_ids``)."""
+        return self.image_encoder(tokens, prefix, known_ids, rope_pos, read_ids)
 
     def denoise_step_tokens(self, z: torch.Tensor, noise: torch.Tensor, pred_ids: torch.Tensor, scheduler,
                             guidance: Optional[Guidance], generator: Optional[torch.Generator] = None) -> torch.Tensor:

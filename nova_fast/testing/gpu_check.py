@@ -214,11 +214,7 @@ def _real_stage(stage: Stage, res: StageResult, out: Path, log, deadline: float)
             res.problems.append(f"cannot form command: {type(exc).__name__}: {exc}")
             continue
         res.commands.append(shlex.join(argv))
-        stdout_path = out / cmd.stdout_to if cmd.stdout_to else None
-        if stdout_path:
-            stdout_path.parent.mkdir(parents=True, exist_ok=True)
-        rc, timed_out = _run(argv, cmd.env, left, log, stdout_path)
-        res.returncodes.append(rc)
+        rc, timed_out = _run_into(cmd, argv, res, out, log, left)
         if timed_out:
             res.status = "timeout"
             res.problems.append(f"timed out: {shlex.join(argv)}")
@@ -228,6 +224,17 @@ def _real_stage(stage: Stage, res: StageResult, out: Path, log, deadline: float)
             res.problems.append(f"exit {rc}: {shlex.join(argv)}")
 
 
+def _run_into(cmd, argv: list[str], res: StageResult, out: Path, log, timeout: float) -> tuple[int | None, bool]:
+    """``_run`` a stage's command, its stdout into ``out / cmd.stdout_to`` when it names one; the
+    return code is recorded in ``res``."""
+    stdout_path = out / cmd.stdout_to if cmd.stdout_to else None
+    if stdout_path:
+        stdout_path.parent.mkdir(parents=True, exist_ok=True)
+    rc, timed_out = _run(argv, cmd.env, timeout, log, stdout_path)
+    res.returncodes.append(rc)
+    return rc, timed_out
+
+
 def _dry_stage(stage: Stage, res: StageResult, out: Path, log, deadline: float) -> None:
     res.status = "dry-ok"
     # the cheap commands first: a later command may be formed from what they write
@@ -235,11 +242,7 @@ def _dry_stage(stage: Stage, res: StageResult, out: Path, log, deadline: float) 
         left = deadline - time.monotonic()
         argv = _safe_resolve(cmd)
         res.ran.append(shlex.join(argv))
-        stdout_path = out / cmd.stdout_to if cmd.stdout_to else None
-        if stdout_path:
-            stdout_path.parent.mkdir(parents=True, exist_ok=True)
-        rc, timed_out = _run(argv, cmd.env, left, log, stdout_path)
-        res.returncodes.append(rc)
+        rc, timed_out = _run_into(cmd, argv, res, out, log, left)
         if timed_out or rc != 0:
             res.problems.append(("timed out" if timed_out else f"exit {rc}") + f": {shlex.join(argv)}")
     for cmd in stage.commands:
