@@ -44,7 +44,10 @@ read q, k, v and write the outputs in the caller's token order through the order
 - ``triton``: ``nova_fast.kernels.group_causal_attention``: FlashAttention-2 forward and backward
   that gather rows through the plan's orders, run the key tiles every row of a query tile sees
   without mask arithmetic and mask only the partial tiles, skip the rest, and take the heaviest
-  tiles first. :func:`attention_work` reports the tiles it visits.
+  tiles first. :func:`attention_work` reports the tiles it visits. On sm_90, fp16/bf16 with groups
+  known to be in token order (``MaskPlan.sorted_tokens``: built by :func:`frame_groups`, no device
+  read) the forward loads and stores tiles by TMA instead; the path says which forward ran. Tile
+  sizes per architecture come from the kernels' generated table.
 
 Autograd: ``torch.library`` custom ops ``nova_fast::group_causal_attention`` (takes the plan's
 tensors, returns out and the fp32 log-sum-exp in token order, +inf for rows that see no key) and
