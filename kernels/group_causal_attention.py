@@ -704,25 +704,24 @@ def kernel_signature(kind: str, dt: str) -> tuple[str, dict]:
 
 def _specs():
     """Every configuration a launcher picks: the generated table's first entry per (arch, dtype
-    class, head dim, kernel), compiled for fp16 and bf16 (16-bit entries) or fp32, plus the delta
-    pre-pass per dtype and head dim. Each is compiled for both targets (sm_80 and sm_90)."""
+    class, head dim, kernel), compiled for fp16 and bf16 (16-bit entries) or fp32, for the
+    architecture(s) that pick it; plus the delta pre-pass per dtype and head dim on both targets."""
     from .group_causal_attention_configs import CONFIGS
 
-    specs, seen = [], set()
+    picks: dict = {}  # (kind, dt, d, tile, warps, stages) -> the archs picking it
     for (arch, dtype_class, d, kind), entries in CONFIGS.items():
         cfg = entries[0]
         for dt in (("fp16", "bf16") if dtype_class == "16bit" else ("fp32",)):
-            kernel, sig = kernel_signature(kind, dt)
-            key = (kernel, dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
-            if key in seen:
-                continue
-            seen.add(key)
-            specs.append(AotSpec(kernel, sig, {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                               "PRECISION": "ieee" if dt == "fp32" else "tf32"},
-                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                                 tensor_cores=dt != "fp32", archs=(90,) if kind == "fwd_tma" else None,
-                                 label=f"{kind} {dt} d{d} {cfg['BLOCK_M']}x{cfg['BLOCK_N']} "
-                                       f"w{cfg['num_warps']} s{cfg['num_stages']} (sm_{arch} pick)"))
+            key = (kind, dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+            picks.setdefault(key, []).append(arch)
+    specs = []
+    for (kind, dt, d, bm, bn, warps, stages), archs in picks.items():
+        kernel, sig = kernel_signature(kind, dt)
+        specs.append(AotSpec(kernel, sig, {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn,
+                                           "PRECISION": "ieee" if dt == "fp32" else "tf32"},
+                             num_warps=warps, num_stages=stages, tensor_cores=dt != "fp32", archs=tuple(archs),
+                             label=f"{kind} {dt} d{d} {bm}x{bn} w{warps} s{stages} "
+                                   f"({'/'.join(f'sm_{a}' for a in archs)} pick)"))
     for dt in ("fp16", "bf16", "fp32"):
         for d in (64, 128):
             specs.append(AotSpec("gca_bwd_delta_kernel", _delta_sig(dt), {"HEAD_DIM": d, "BLOCK_M": DELTA_BLOCK_M},
