@@ -47,21 +47,13 @@ from nova_fast.testing.triton_aot import AotSpec
 LOG2E = 1.4426950408889634
 MAX_GRID_X = 2**31 - 1
 
-# head_dim -> block sizes, warps, stages. 16-bit inputs use the production tiles, fp32 the FP32_*
-# tables. Every entry is compiled for sm_80 and sm_90 in
-# AOT_SPECS and checked for spills and shared memory within the architecture's limit.
-FWD_CONFIG = {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-              128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)}
-DKDV_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
-               128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)}
-DQ_CONFIG = {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-             128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)}
-FP32_FWD_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-                   128: dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)}
-FP32_DKDV_CONFIG = {64: dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
-                    128: dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)}
-FP32_DQ_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
-                  128: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)}
+# Block sizes, warps and stages per (arch, dtype class, head dim, kernel) come from the generated
+# table kernels/group_causal_attention_configs.py (nova_fast/testing/gca_tune.py: a small candidate
+# space compiled ahead of time for sm_80 and sm_90, pruned of spills, shared-memory overflow and
+# lost occupancy, ranked). The launcher takes the first entry for the device's architecture.
+TABLE_ARCHS = (80, 90)
+# one block's shared memory on the sm_8x parts other than sm_80 (sm_86, sm_89): 99 KiB
+SMALL_SHARED_PER_BLOCK = 99 * 1024
 DELTA_BLOCK_M = 64
 
 # tests under the interpreter shrink the tiles (more tiles per sequence: the tile logic is exercised)
@@ -84,13 +76,36 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes, warps and stages of kernel ``kind`` ("fwd", "dkdv", "dq") for these inputs."""
-    exact_fp32 = precision(dtype) == "ieee"
-    table = {"fwd": FP32_FWD_CONFIG if exact_fp32 else FWD_CONFIG,
-             "dkdv": FP32_DKDV_CONFIG if exact_fp32 else DKDV_CONFIG,
-             "dq": FP32_DQ_CONFIG if exact_fp32 else DQ_CONFIG}[kind]
-    cfg = dict(table[head_dim])
+def device_arch(device=None) -> int:
+    """Compute capability as major * 10 + minor of a CUDA device; 80 off a GPU (interpreter, tests)."""
+    if device is None or torch.device(device).type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def table_configs(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> list[dict]:
+    """The generated table's pruned configurations of kernel ``kind`` ("fwd", "fwd_tma", "dkdv", "dq")
+    for ``arch``, best first. sm_9x and later read the sm_90 entries; other sm_8x the sm_80 entries
+    that fit their 99 KiB of shared memory per block (none fitting: the smallest; sm_80 all of them)."""
+    from .group_causal_attention_configs import CONFIGS
+
+    dtype_class = "fp32" if precision(dtype) == "ieee" else "16bit"
+    table_arch = 90 if arch >= 90 or kind == "fwd_tma" else 80  # the TMA forward is tuned for sm_90 only
+    entries = CONFIGS.get((table_arch, dtype_class, head_dim, kind))
+    if not entries:
+        raise ValueError(f"no {kind} configuration for sm_{arch}, {dtype}, head dim {head_dim} in the generated table")
+    if 80 < arch < 90:
+        entries = ([c for c in entries if c["shared_bytes"] <= SMALL_SHARED_PER_BLOCK]
+                   or [min(entries, key=lambda c: c["shared_bytes"])])
+    return entries
+
+
+def config(kind: str, head_dim: int, dtype: torch.dtype, device=None) -> dict:
+    """Block sizes, warps and stages of kernel ``kind`` ("fwd", "fwd_tma", "dkdv", "dq") for these
+    inputs on ``device`` (its architecture's first table entry; off a GPU the sm_80 one)."""
+    entry = table_configs(kind, head_dim, dtype, device_arch(device))[0]
+    cfg = {k: entry[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
     if _block_override is not None:
         cfg["BLOCK_M"], cfg["BLOCK_N"] = _block_override
     return cfg
@@ -335,6 +350,77 @@ def gca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, 
              mask=row_ok[:, None])
 
 
+# ---------------------------------------------------------------- Hopper forward: TMA, no permutation
+@triton.jit
+def _fwd_tma_tile(acc, m_i, l_i, q, k_desc, v_desc, start_n, kvis, scale_log2,
+                  PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # as _fwd_tile, with keys in token order loaded by TMA (rows past Nk arrive as zeros)
+    k = k_desc.load([start_n, 0])
+    v = v_desc.load([start_n, 0])
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if PARTIAL:
+        keys = start_n + tl.arange(0, BLOCK_N)
+        s = tl.where(keys[None, :] < kvis[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = m_new
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def gca_fwd_tma_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, k_visible_ptr,
+                       scale_log2, Nq, Nk, H, BH, n_qtiles,
+                       q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn, qp_sb,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    # the forward for groups already in token order (identity q_order and k_order, e.g. frame
+    # groups): q, k, v tiles come by TMA through per-(b, h) tensor descriptors built on the device,
+    # the output leaves by TMA (rows past Nq are clipped, rows past Nk load as zeros). Same plan
+    # (k_visible), grid, softmax and lse as gca_fwd_kernel. The launcher runs it on sm_90 for 16-bit
+    # inputs; fp32 (PRECISION "ieee") exists for the interpreter's parity tests. No
+    # tl.range(warp_specialize=True): triton 3.6 and 3.9 fail on this kernel with it at 4 warps
+    # (NVGPUWarpSpecialization pass) and leave the loop unspecialised at 8.
+    tile, b, h, bh = _program(BH, H, n_qtiles, True)
+    start_m = tile * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < Nq
+    q_desc = tl.make_tensor_descriptor(q_ptr + b * q_sb + h * q_sh, shape=[Nq, HEAD_DIM], strides=[q_sn, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(k_ptr + b * k_sb + h * k_sh, shape=[Nk, HEAD_DIM], strides=[k_sn, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(v_ptr + b * v_sb + h * v_sh, shape=[Nk, HEAD_DIM], strides=[v_sn, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    o_desc = tl.make_tensor_descriptor(o_ptr + b * o_sb + h * o_sh, shape=[Nq, HEAD_DIM], strides=[o_sn, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
+    kvis_b = k_visible_ptr + b * qp_sb
+    q = q_desc.load([start_m, 0])
+    kvis = tl.load(kvis_b + rows, mask=row_ok, other=0)
+    n_full = tl.load(kvis_b + start_m) // BLOCK_N
+    n_end = tl.cdiv(tl.load(kvis_b + tl.minimum(start_m + BLOCK_M - 1, Nq - 1)), BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, n_full * BLOCK_N, BLOCK_N):
+        acc, m_i, l_i = _fwd_tma_tile(acc, m_i, l_i, q, k_desc, v_desc, start_n, kvis, scale_log2, False, BLOCK_N,
+                                      PRECISION)
+    for start_n in range(n_full * BLOCK_N, n_end * BLOCK_N, BLOCK_N):
+        acc, m_i, l_i = _fwd_tma_tile(acc, m_i, l_i, q, k_desc, v_desc, start_n, kvis, scale_log2, True, BLOCK_N,
+                                      PRECISION)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    o_desc.store([start_m, 0], out.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + bh * Nq + rows, lse, mask=row_ok)
+
+
 # ---------------------------------------------------------------- tile plans (device tensors, no sync)
 def query_tile_plan(k_visible: torch.Tensor, block_m: int, block_n: int):
     """Per query tile, ``(n_full, n_end)`` int32 (G, query tiles): key tiles [0, n_full) are seen by
@@ -392,22 +478,129 @@ def _launch_opts(cfg):
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
-def forward(q, k, v, q_order, k_order, k_visible, scale):
+# opt-in: triton.autotune benchmarks on a kernel's first call per shape (host waits: not inside a
+# CUDA graph capture), so the table's first entry is launched unless this variable is "1"
+AUTOTUNE_ENV = "NOVA_FAST_GCA_AUTOTUNE"
+_autotuned: dict = {}
+
+
+def runtime_configs(kind: str, head_dim: int, dtype: torch.dtype, device=None) -> list[dict]:
+    """(num_warps, num_stages) options a GPU autotuner tries for kernel ``kind``: the table entries of
+    the device's architecture with the first entry's tile (the tile fixes the grid and the dk/dv plan)."""
+    entries = table_configs(kind, head_dim, dtype, device_arch(device))
+    tile = (entries[0]["BLOCK_M"], entries[0]["BLOCK_N"])
+    return [{"num_warps": e["num_warps"], "num_stages": e["num_stages"]} for e in entries
+            if (e["BLOCK_M"], e["BLOCK_N"]) == tile]
+
+
+def autotuning(device) -> bool:
+    """Whether launches on ``device`` go through triton.autotune: CUDA only (never the CPU or the
+    interpreter), opted in by NOVA_FAST_GCA_AUTOTUNE=1, no test tiles forced."""
+    import os
+
+    return (torch.device(device).type == "cuda" and os.environ.get(AUTOTUNE_ENV) == "1"
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and _block_override is None)
+
+
+def _launchable(kernel, kind: str, cfg: dict, q: torch.Tensor):
+    """(kernel to index with the grid, launch options): the table's config, or on a GPU with
+    autotuning on, triton.autotune over :func:`runtime_configs` (keyed on the sequence lengths)."""
+    if not autotuning(q.device):
+        return kernel, _launch_opts(cfg)
+    options = runtime_configs(kind, q.shape[-1], q.dtype, q.device)
+    key = (kind, q.shape[-1], q.dtype, device_arch(q.device))
+    if key not in _autotuned:
+        _autotuned[key] = triton.autotune([triton.Config({}, **o) for o in options], key=["Nq", "Nk"])(kernel)
+    return _autotuned[key], {}
+
+
+# the forward kernels: "gather" (gca_fwd_kernel, any token order) and "tma" (gca_fwd_tma_kernel,
+# groups in token order, sm_90 16-bit); the path the last forward() call took
+FORWARD_PATHS = ("gather", "tma")
+last_forward_path: str | None = None
+_path_override: str | None = None
+
+
+@contextlib.contextmanager
+def forward_path_override(path: str):
+    """Run every forward inside the block on ``path`` (tests: the TMA kernel under the interpreter)."""
+    global _path_override
+    if path not in FORWARD_PATHS:
+        raise ValueError(f"forward path must be one of {FORWARD_PATHS}, got {path!r}")
+    saved, _path_override = _path_override, path
+    try:
+        yield
+    finally:
+        _path_override = saved
+
+
+def tma_available() -> bool:
+    """This triton builds tensor descriptors on the device (``tl.make_tensor_descriptor``)."""
+    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
+def forward_path(q: torch.Tensor, sorted_tokens: bool) -> tuple[str, str]:
+    """(path, why) the forward takes for q: "tma" on sm_90 for fp16/bf16 when both token orders are
+    the identity (the plan's ``sorted_tokens``), "gather" otherwise."""
+    if _path_override is not None:
+        return _path_override, "forced by forward_path_override"
+    if not sorted_tokens:
+        return "gather", "groups not in token order: permutation in the loads"
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "gather", "TMA forward is for sm_90 only"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return "gather", "TMA forward is for fp16/bf16 only"
+    if not tma_available():
+        return "gather", f"triton {triton.__version__} has no tl.make_tensor_descriptor"
+    return "tma", "sm_90, groups in token order: TMA loads and stores"
+
+
+def _scratch(size: int, alignment: int, stream):
+    # global memory the device-side tensor descriptors are written to (triton asks per launch)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_descriptor_allocator():
+    # device-built descriptors need a global scratch allocator: install one unless the user has
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    current = current.get() if hasattr(current, "get") else current
+    if current is None or type(current).__name__ == "NullAllocator":
+        triton.set_allocator(_scratch)
+
+
+def forward(q, k, v, q_order, k_order, k_visible, scale, sorted_tokens: bool = False):
     """(out, lse): q, k, v (B, H, N, D) in token order with unit stride along D; the plan tensors
     q_order, k_visible (G, Nq) and k_order (G, Nk) int32 contiguous, G in {1, B}. out is contiguous
-    (B, H, Nq, D); lse fp32 (B, H, Nq), both in token order."""
+    (B, H, Nq, D); lse fp32 (B, H, Nq), both in token order. ``sorted_tokens``: q_order and k_order
+    are the identity (the caller knows it without reading them), which allows the TMA kernel."""
+    global last_forward_path
     q, k, v = aligned(q), aligned(k), aligned(v)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    cfg = config("fwd", D, q.dtype)
+    path, _ = forward_path(q, sorted_tokens)
+    # the table tunes the TMA forward for 16-bit inputs; fp32 through it (forced, tests) takes the fp32 tiles
+    tma_tiles = path == "tma" and precision(q.dtype) != "ieee"
+    cfg = config("fwd_tma" if tma_tiles else "fwd", D, q.dtype, q.device)
     out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     n_qtiles = triton.cdiv(Nq, cfg["BLOCK_M"])
-    gca_fwd_kernel[grid(n_qtiles, B * H)](
-        q, k, v, out, lse, q_order, k_order, k_visible, scale * LOG2E, Nq, Nk, H, B * H, n_qtiles,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), _plan_stride(q_order), _plan_stride(k_order),
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype),
-        **_launch_opts(cfg))
+    if path == "tma":
+        if q.device.type == "cuda":
+            _ensure_descriptor_allocator()
+        kernel, opts = _launchable(gca_fwd_tma_kernel, "fwd_tma", cfg, q)
+        kernel[grid(n_qtiles, B * H)](
+            q, k, v, out, lse, k_visible, scale * LOG2E, Nq, Nk, H, B * H, n_qtiles,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), _plan_stride(k_visible),
+            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype), **opts)
+    else:
+        kernel, opts = _launchable(gca_fwd_kernel, "fwd", cfg, q)
+        kernel[grid(n_qtiles, B * H)](
+            q, k, v, out, lse, q_order, k_order, k_visible, scale * LOG2E, Nq, Nk, H, B * H, n_qtiles,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), _plan_stride(q_order), _plan_stride(k_order),
+            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype), **opts)
+    last_forward_path = path
     return out, lse
 
 
@@ -430,25 +623,26 @@ def backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, sc
         out, dout, lse, delta, lse2, q_order, Nq, H, B * H, n_rtiles, *_strides(out), *_strides(dout), qp,
         HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
 
-    cfg = config("dkdv", D, q.dtype)
+    cfg = config("dkdv", D, q.dtype, q.device)
     if key_tiles is None:
         key_tiles = key_tile_plan(k_visible, Nk, cfg["BLOCK_M"], cfg["BLOCK_N"])
     n_ktiles = triton.cdiv(Nk, cfg["BLOCK_N"])
     if key_tiles.shape[-1] != n_ktiles:
         raise ValueError(f"key_tiles has {key_tiles.shape[-1]} key tiles; the dk/dv kernel's {cfg['BLOCK_N']}-key "
                          f"tiles need {n_ktiles}: build it with key_tile_plan for config('dkdv', ...)")
-    gca_bwd_dkdv_kernel[grid(n_ktiles, B * H)](
+    kernel, opts = _launchable(gca_bwd_dkdv_kernel, "dkdv", cfg, q)
+    kernel[grid(n_ktiles, B * H)](
         q, k, v, dout, lse2, delta, dk, dv, q_order, k_order, k_visible, key_tiles, scale, scale * LOG2E,
         Nq, Nk, H, B * H, n_ktiles, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qp, kp,
-        _plan_stride(key_tiles), HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=prec,
-        **_launch_opts(cfg))
+        _plan_stride(key_tiles), HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=prec, **opts)
 
-    cfg = config("dq", D, q.dtype)
+    cfg = config("dq", D, q.dtype, q.device)
     n_qtiles = triton.cdiv(Nq, cfg["BLOCK_M"])
-    gca_bwd_dq_kernel[grid(n_qtiles, B * H)](
+    kernel, opts = _launchable(gca_bwd_dq_kernel, "dq", cfg, q)
+    kernel[grid(n_qtiles, B * H)](
         q, k, v, dout, lse2, delta, dq, q_order, k_order, k_visible, scale, scale * LOG2E, Nq, Nk, H, B * H,
         n_qtiles, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qp, kp,
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=prec, **_launch_opts(cfg))
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=prec, **opts)
     return dq, dk, dv
 
 
@@ -493,25 +687,41 @@ def _delta_sig(dt):
     return sig
 
 
+def _fwd_tma_sig(dt):
+    sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{dt}", "lse_ptr": "*fp32",
+           "k_visible_ptr": "*i32", "scale_log2": "fp32", "Nq": "i32", "Nk": "i32", "H": "i32", "BH": "i32",
+           "n_qtiles": "i32"}
+    sig.update({s: "i32" for s in _STRIDES + ["o_sb", "o_sh", "o_sn", "qp_sb"]})
+    sig.update({c: "constexpr" for c in _CONST})
+    return sig
+
+
+def kernel_signature(kind: str, dt: str) -> tuple[str, dict]:
+    """(kernel name, AOT signature) of kernel ``kind`` ("fwd", "fwd_tma", "dkdv", "dq") for dtype ``dt``."""
+    return {"fwd": ("gca_fwd_kernel", _fwd_sig(dt)), "fwd_tma": ("gca_fwd_tma_kernel", _fwd_tma_sig(dt)),
+            "dkdv": ("gca_bwd_dkdv_kernel", _bwd_sig(dt, False)), "dq": ("gca_bwd_dq_kernel", _bwd_sig(dt, True))}[kind]
+
+
 def _specs():
-    """Every production configuration: fp16 and bf16 on the 16-bit tiles, fp32 on its own, head dims
-    64 and 128, the three main kernels and the delta pre-pass."""
+    """Every configuration a launcher picks: the generated table's first entry per (arch, dtype
+    class, head dim, kernel), compiled for fp16 and bf16 (16-bit entries) or fp32, for the
+    architecture(s) that pick it; plus the delta pre-pass per dtype and head dim on both targets."""
+    from .group_causal_attention_configs import CONFIGS
+
+    picks: dict = {}  # (kind, dt, d, tile, warps, stages) -> the archs picking it
+    for (arch, dtype_class, d, kind), entries in CONFIGS.items():
+        cfg = entries[0]
+        for dt in (("fp16", "bf16") if dtype_class == "16bit" else ("fp32",)):
+            key = (kind, dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+            picks.setdefault(key, []).append(arch)
     specs = []
-    variants = [("fp16", "tf32", (FWD_CONFIG, DKDV_CONFIG, DQ_CONFIG), True),
-                ("bf16", "tf32", (FWD_CONFIG, DKDV_CONFIG, DQ_CONFIG), True),
-                ("fp32", "ieee", (FP32_FWD_CONFIG, FP32_DKDV_CONFIG, FP32_DQ_CONFIG), False)]
-    for dt, prec, tables, tensor_cores in variants:
-        for d in (64, 128):
-            for kernel, table, sig, what in (("gca_fwd_kernel", tables[0], _fwd_sig(dt), "fwd"),
-                                             ("gca_bwd_dkdv_kernel", tables[1], _bwd_sig(dt, False), "bwd dkdv"),
-                                             ("gca_bwd_dq_kernel", tables[2], _bwd_sig(dt, True), "bwd dq")):
-                cfg = table[d]
-                specs.append(AotSpec(kernel, sig, {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"],
-                                                   "BLOCK_N": cfg["BLOCK_N"], "PRECISION": prec},
-                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                                     tensor_cores=tensor_cores,
-                                     label=f"{what} {dt} d{d} "
-                                           f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"))
+    for (kind, dt, d, bm, bn, warps, stages), archs in picks.items():
+        kernel, sig = kernel_signature(kind, dt)
+        specs.append(AotSpec(kernel, sig, {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn,
+                                           "PRECISION": "ieee" if dt == "fp32" else "tf32"},
+                             num_warps=warps, num_stages=stages, tensor_cores=dt != "fp32", archs=tuple(archs),
+                             label=f"{kind} {dt} d{d} {bm}x{bn} w{warps} s{stages} "
+                                   f"({'/'.join(f'sm_{a}' for a in archs)} pick)"))
     for dt in ("fp16", "bf16", "fp32"):
         for d in (64, 128):
             specs.append(AotSpec("gca_bwd_delta_kernel", _delta_sig(dt), {"HEAD_DIM": d, "BLOCK_M": DELTA_BLOCK_M},
@@ -520,3 +730,5 @@ def _specs():
 
 
 AOT_SPECS = _specs()
+# the TMA forward's specs alone (tests compile them with triton 3.9 and the GPU machine's triton)
+TMA_AOT_SPECS = [s for s in AOT_SPECS if s.kernel == "gca_fwd_tma_kernel"]

@@ -277,15 +277,19 @@ def test_aot_production_configs_compile_without_spills_within_shared_memory():
     from nova_fast.kernels import group_causal_attention as kernels
     from nova_fast.testing import triton_aot
 
-    # the specs are the configurations the launchers pick, every dtype (fp32 included) and head dim
+    # the specs are the configurations the launchers pick (each architecture's first table entry),
+    # every dtype (fp32 included) and head dim, the TMA forward on sm_90
     launched = set()
-    for dtype, dt in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        for d in (64, 128):
-            for kind, kernel in (("fwd", "gca_fwd_kernel"), ("dkdv", "gca_bwd_dkdv_kernel"),
-                                 ("dq", "gca_bwd_dq_kernel")):
-                cfg = kernels.config(kind, d, dtype)
-                launched.add((kernel, dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"],
-                              kernels.precision(dtype)))
+    for arch, capability in ((80, (8, 0)), (90, (9, 0))):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+            for dtype, dt in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+                for d in (64, 128):
+                    kinds = ("fwd", "dkdv", "dq") + (("fwd_tma",) if arch == 90 and dt != "fp32" else ())
+                    for kind in kinds:
+                        cfg = kernels.config(kind, d, dtype, torch.device("cuda"))
+                        launched.add((kernels.kernel_signature(kind, dt)[0], dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"],
+                                      cfg["num_warps"], cfg["num_stages"], kernels.precision(dtype)))
     compiled = {(s.kernel, s.signature["q_ptr" if "q_ptr" in s.signature else "o_ptr"][1:], s.constexprs["HEAD_DIM"],
                  s.constexprs["BLOCK_M"], s.constexprs.get("BLOCK_N"), s.num_warps, s.num_stages,
                  s.constexprs.get("PRECISION")) for s in kernels.AOT_SPECS if s.kernel != "gca_bwd_delta_kernel"}
@@ -293,10 +297,11 @@ def test_aot_production_configs_compile_without_spills_within_shared_memory():
     assert ("fp32", "ieee") in {(k[1], k[7]) for k in compiled}
 
     results = triton_aot.compile_in_subprocess("nova_fast.kernels.group_causal_attention")
-    # (dtypes x head dims x kernels + the delta pre-pass per dtype and head dim) x (sm_80, sm_90)
-    assert len(results) == 2 * len(kernels.AOT_SPECS) == 2 * (3 * 2 * 3 + 3 * 2)
+    # every spec for each of its targets (the TMA forward: sm_90 only)
+    assert len(results) == sum(len(s.archs or (80, 90)) for s in kernels.AOT_SPECS)
     assert triton_aot.problems(results) == []
     over = [f"{r.spec} sm_{r.arch}: {r.shared_bytes} B" for r in results if r.shared_bytes > SHARED_LIMIT[r.arch]]
     assert over == [], f"shared memory over the architecture's limit: {over}"
     assert all(r.hgmma > 0 for r in results if r.arch == 90 and r.tensor_cores)
     assert all(r.hmma == 0 and r.hgmma == 0 for r in results if "fp32" in r.spec)  # exact fp32: FMA, not TF32
+    assert all(r.tma > 0 for r in results if r.spec.startswith("fwd_tma"))

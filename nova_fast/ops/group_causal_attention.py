@@ -44,7 +44,10 @@ read q, k, v and write the outputs in the caller's token order through the order
 - ``triton``: ``nova_fast.kernels.group_causal_attention``: FlashAttention-2 forward and backward
   that gather rows through the plan's orders, run the key tiles every row of a query tile sees
   without mask arithmetic and mask only the partial tiles, skip the rest, and take the heaviest
-  tiles first. :func:`attention_work` reports the tiles it visits.
+  tiles first. :func:`attention_work` reports the tiles it visits. On sm_90, fp16/bf16 with groups
+  known to be in token order (``MaskPlan.sorted_tokens``: built by :func:`frame_groups`, no device
+  read) the forward loads and stores tiles by TMA instead; the path says which forward ran. Tile
+  sizes per architecture come from the kernels' generated table.
 
 Autograd: ``torch.library`` custom ops ``nova_fast::group_causal_attention`` (takes the plan's
 tensors, returns out and the fp32 log-sum-exp in token order, +inf for rows that see no key) and
@@ -79,7 +82,28 @@ def frame_groups(num_frames: int, tokens_per_frame: int, prefix_len: int = 0, *,
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     frames = torch.arange(num_frames, dtype=torch.int32, device=device).repeat_interleave(tokens_per_frame)
-    return torch.cat([torch.zeros(prefix_len, dtype=torch.int32, device=device), frames])
+    return _mark_sorted(torch.cat([torch.zeros(prefix_len, dtype=torch.int32, device=device), frames]))
+
+
+def _mark_sorted(groups: Tensor) -> Tensor:
+    """Tag groups built non-decreasing, so a plan knows its sort is the identity without reading
+    them (a device read would synchronise); an in-place change (new version) drops the tag."""
+    try:
+        groups._nova_fast_sorted_version = groups._version
+    except RuntimeError:  # inference tensors have no version counter: no tag, the plan assumes unsorted
+        pass
+    return groups
+
+
+def _known_sorted(groups: Tensor) -> bool:
+    """True if ``groups`` is known non-decreasing without reading it (on any device: a read on a GPU
+    would synchronise): built by :func:`frame_groups` and not changed in place since."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return getattr(groups, "_nova_fast_sorted_version", None) == groups._version
+    except RuntimeError:  # inference tensors: no version counter
+        return False
 
 
 def random_set_groups(num_tokens: int, set_sizes, generator: torch.Generator | None = None, *,
@@ -292,7 +316,7 @@ def _cpu_index(plan_args):
             None if k_order is None else k_order.long().contiguous(), k_visible.long().contiguous())
 
 
-def _forward_torch(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
+def _forward_torch(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale, sorted_tokens=False):
     """(out, lse) in token order; the plan arguments as :class:`MaskPlan` holds them."""
     plan_args = (q_order, k_order, q_groups, k_groups, k_visible)
     if _cpu_kernel_ready(q):
@@ -367,10 +391,12 @@ def _backward_chunks(dout, q, k, v, out, lse, q_groups, k_groups, scale):
 
 
 # ---------------------------------------------------------------- triton backend
-def _forward_triton(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
+def _forward_triton(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale, sorted_tokens=False):
     from nova_fast.kernels import group_causal_attention as kernels
 
-    return kernels.forward(q, k, v, q_order, k_order, k_visible, scale)
+    path, why = kernels.forward_path(q, sorted_tokens)
+    backends.record_path(OP, f"triton {path} forward: {why}")
+    return kernels.forward(q, k, v, q_order, k_order, k_visible, scale, sorted_tokens)
 
 
 def _backward_triton(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
@@ -390,14 +416,14 @@ BACKWARD = {"torch": _backward_torch, "triton": _backward_triton}
 @torch.library.custom_op("nova_fast::group_causal_attention", mutates_args=())
 def group_causal_attention_op(q: Tensor, k: Tensor, v: Tensor, q_order: Tensor, k_order: Tensor, q_groups: Tensor,
                               k_groups: Tensor, k_visible: Tensor, key_tiles: Tensor | None,
-                              scale: float) -> tuple[Tensor, Tensor]:
-    """(out, fp32 lse) in token order."""
+                              scale: float, sorted_tokens: bool = False) -> tuple[Tensor, Tensor]:
+    """(out, fp32 lse) in token order. ``sorted_tokens``: both orders are the identity (MaskPlan.sorted_tokens)."""
     backend = backends.resolve(OP, q.device, SUPPORTED)
-    return FORWARD[backend](q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale)
+    return FORWARD[backend](q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale, sorted_tokens)
 
 
 @group_causal_attention_op.register_fake
-def _(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
+def _(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale, sorted_tokens=False):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -417,7 +443,7 @@ def _(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *plan, scale = inputs
+    q, k, v, *plan, scale, _sorted_tokens = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *plan[:-1])
     ctx.key_tiles = plan[-1]  # optional: save_for_backward takes tensors only
@@ -428,7 +454,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, *plan = ctx.saved_tensors
     dq, dk, dv = group_causal_attention_backward_op(dout, q, k, v, out, lse, *plan, ctx.key_tiles, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 group_causal_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -503,6 +529,8 @@ class MaskPlan:
             k_sorted, k_order = torch.sort(kg, dim=1, stable=True)
             self.k_sorted, self.k_order = k_sorted.contiguous(), k_order.to(torch.int32).contiguous()
         self.k_visible = torch.searchsorted(self.k_sorted, self.q_sorted, right=True, out_int32=True).contiguous()
+        # both sorts are the identity, known without a device read: the Triton forward may load tiles by TMA
+        self.sorted_tokens = _known_sorted(q_groups) and (k_groups is None or _known_sorted(k_groups))
         self._key_tiles: dict[tuple[int, int], Tensor] = {}
         self._query_tiles: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
@@ -595,7 +623,7 @@ def _key_tiles_for(plan: MaskPlan, q: Tensor) -> Tensor | None:
         from nova_fast.kernels.group_causal_attention import config
     except ImportError:
         return None
-    cfg = config("dkdv", q.shape[-1], q.dtype)
+    cfg = config("dkdv", q.shape[-1], q.dtype, q.device)
     return plan.key_tiles(cfg["BLOCK_M"], cfg["BLOCK_N"])
 
 
@@ -633,9 +661,9 @@ def group_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor | M
 
     if needs_autograd(q, k, v) or torch.compiler.is_compiling():
         key_tiles = None if torch.compiler.is_compiling() else _key_tiles_for(plan, q)
-        return group_causal_attention_op(q, k, v, *plan.args(key_tiles), scale)[0]
+        return group_causal_attention_op(q, k, v, *plan.args(key_tiles), scale, plan.sorted_tokens)[0]
     backend = backends.resolve(OP, q.device, SUPPORTED)  # inference: no autograd bookkeeping
-    return FORWARD[backend](q, k, v, *plan.args(), scale)[0]
+    return FORWARD[backend](q, k, v, *plan.args(), scale, plan.sorted_tokens)[0]
 
 
 def attention_work(q_groups: Tensor | MaskPlan, k_groups: Tensor | None = None, *, block_m: int | None = None,

@@ -45,6 +45,7 @@ class AotSpec:
     num_stages: int = 2
     tensor_cores: bool = False       # the kernel calls tl.dot: expect HMMA (sm_80) / HGMMA (sm_90)
     label: str = ""
+    archs: tuple | None = None       # the targets this kernel is for (None: every target), e.g. (90,) for TMA
 
     def name(self) -> str:
         return self.label or f"{self.kernel}[{','.join(f'{k}={v}' for k, v in self.constexprs.items())}]"
@@ -113,16 +114,20 @@ def one_dtype_per_config(specs: list[AotSpec]) -> list[AotSpec]:
     return [spec for _, spec in chosen.values()]
 
 
-def compile_module(module_name: str, targets=TARGETS, one_dtype: bool = False) -> list[AotResult]:
+def compile_module(module_name: str, targets=TARGETS, one_dtype: bool = False,
+                   specs_attr: str = "AOT_SPECS") -> list[AotResult]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset; use compile_in_subprocess()")
     import triton
 
     module = importlib.import_module(module_name)
-    specs = one_dtype_per_config(module.AOT_SPECS) if one_dtype else module.AOT_SPECS
+    specs = getattr(module, specs_attr)
+    specs = one_dtype_per_config(specs) if one_dtype else specs
     results = []
     for spec in specs:
         for arch in targets:
+            if spec.archs is not None and arch not in spec.archs:
+                continue
             try:
                 compiled, regs, local, sass = compile_spec(getattr(module, spec.kernel), spec, arch)
                 results.append(AotResult(module_name, spec.name(), arch, regs, local, compiled.metadata.shared,
@@ -138,7 +143,8 @@ def compile_module(module_name: str, targets=TARGETS, one_dtype: bool = False) -
 
 
 def compile_in_subprocess(module_name: str, targets=TARGETS, timeout: float = 900, *,
-                          triton_path: str | Path | None = None, one_dtype: bool = False) -> list[AotResult]:
+                          triton_path: str | Path | None = None, one_dtype: bool = False,
+                          specs_attr: str = "AOT_SPECS") -> list[AotResult]:
     """compile_module in a fresh process with the interpreter off (safe to call from tests);
     ``triton_path``: a folder holding another triton, put first on PYTHONPATH (see COMPAT_TRITON)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -148,7 +154,8 @@ def compile_in_subprocess(module_name: str, targets=TARGETS, timeout: float = 90
         # its own compile cache: kernels cached by one triton are not read back by the other
         env["TRITON_CACHE_DIR"] = str(Path(triton_path) / ".cache")
     cmd = [sys.executable, "-m", "nova_fast.testing.triton_aot", module_name, "--json",
-           "--targets", ",".join(map(str, targets)), *(["--one-dtype"] if one_dtype else [])]
+           "--targets", ",".join(map(str, targets)), "--specs", specs_attr,
+           *(["--one-dtype"] if one_dtype else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"AOT compile of {module_name} failed:\n{proc.stderr[-4000:]}")
@@ -190,9 +197,11 @@ def main(argv=None) -> int:
     p.add_argument("module")
     p.add_argument("--json", action="store_true")
     p.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    p.add_argument("--specs", default="AOT_SPECS", help="the module's list of AotSpec to compile")
     p.add_argument("--one-dtype", action="store_true", help="one spec per kernel configuration (bf16 where there is one)")
     a = p.parse_args(argv)
-    results = compile_module(a.module, tuple(int(t) for t in a.targets.split(",")), one_dtype=a.one_dtype)
+    results = compile_module(a.module, tuple(int(t) for t in a.targets.split(",")), one_dtype=a.one_dtype,
+                             specs_attr=a.specs)
     if a.json:
         print(json.dumps([dataclasses.asdict(r) for r in results]))
     else:
