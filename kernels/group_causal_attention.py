@@ -160,6 +160,13 @@ def _fwd_tile(acc, m_i, l_i, q, k_bh, v_bh, ko_b, keys, kvis, Nk, k_sn, v_sn, co
     # mask and no bounds checks. Partial tiles: key j visible to a row iff j < its k_visible.
     k = _load_rows(k_bh, ko_b, keys, k_sn, cols, Nk, PARTIAL)
     v = _load_rows(v_bh, ko_b, keys, v_sn, cols, Nk, PARTIAL)
+    return _online_softmax_step(acc, m_i, l_i, q, k, v, keys, kvis, scale_log2, PARTIAL, PRECISION)
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, q, k, v, keys, kvis, scale_log2,
+                         PARTIAL: tl.constexpr, PRECISION: tl.constexpr):
+    # the online-softmax update for one loaded key tile, shared by the gather and the TMA forwards
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if PARTIAL:
         s = tl.where(keys[None, :] < kvis[:, None], s, float("-inf"))
@@ -357,20 +364,8 @@ def _fwd_tma_tile(acc, m_i, l_i, q, k_desc, v_desc, start_n, kvis, scale_log2,
     # as _fwd_tile, with keys in token order loaded by TMA (rows past Nk arrive as zeros)
     k = k_desc.load([start_n, 0])
     v = v_desc.load([start_n, 0])
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    if PARTIAL:
-        keys = start_n + tl.arange(0, BLOCK_N)
-        s = tl.where(keys[None, :] < kvis[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = m_new
-    p = tl.math.exp2(s - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-    return acc, m_new, l_i
+    keys = start_n + tl.arange(0, BLOCK_N)
+    return _online_softmax_step(acc, m_i, l_i, q, k, v, keys, kvis, scale_log2, PARTIAL, PRECISION)
 
 
 @triton.jit
