@@ -25,17 +25,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nova_fast.testing.aot_report import ARCH_LIMITS, ctas_per_sm as aot_ctas_per_sm
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLE_PATH = REPO_ROOT / "kernels" / "group_causal_attention_configs.py"
 COMMAND = "python -m nova_fast.testing.gca_tune --write"
 
-# one block's dynamic shared memory limit and one SM's shared memory, registers, threads, CTAs
-SHARED_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
-SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
-SHARED_RESERVED_PER_CTA = 1024
-REGISTERS_PER_SM = 65536
-THREADS_PER_SM = 2048
-CTAS_PER_SM = 32
+# one block's dynamic shared memory limit, from the occupancy model's architecture table
+SHARED_PER_BLOCK = {arch: lim["smem_per_cta_max"] for arch, lim in ARCH_LIMITS.items()}
 
 _16BIT_TILES = {"fwd": [(128, 64), (128, 128), (64, 64)],
                 "dkdv": [(32, 64), (32, 128), (64, 64)],
@@ -61,12 +58,9 @@ def keys(archs=(80, 90), dtype_classes=("16bit", "fp32"), head_dims=(64, 128),
 
 
 def ctas_per_sm(arch: int, registers: int, shared: int, num_warps: int) -> int:
-    """Resident CTAs per SM from registers (allocated per warp in units of 256), shared memory and threads."""
-    regs_per_warp = -(-registers * 32 // 256) * 256
-    by_regs = (REGISTERS_PER_SM // regs_per_warp) // num_warps if regs_per_warp else CTAS_PER_SM
-    by_shared = SHARED_PER_SM[arch] // (shared + SHARED_RESERVED_PER_CTA)
-    by_threads = THREADS_PER_SM // (32 * num_warps)
-    return min(by_regs, by_shared, by_threads, CTAS_PER_SM)
+    """Resident CTAs per SM: the occupancy model of nova_fast.testing.aot_report (registers allocated
+    per warp in units of 256, shared memory with its per-CTA reserve, threads, CTA slots)."""
+    return aot_ctas_per_sm(registers, shared, 32 * num_warps, arch)[0]
 
 
 def _compile_entry(key) -> list[dict]:
