@@ -124,8 +124,7 @@ def test_two_ranks_equal_one_process(two_ranks, name):
     plan, got = two_ranks[name]
     _assert_equal_to_single_process(plan, got)
     sent = got["stats"]["bytes"]
-    kind = {"cfg": "cfg", "dp": "dp", "ulysses": "ulysses"}[name]
-    assert sent[kind] > 0 and all(v == 0 for k, v in sent.items() if k not in (kind, "checks"))
+    assert sent[name] > 0 and all(v == 0 for k, v in sent.items() if k not in (name, "checks"))
 
 
 @pytest.mark.slow
