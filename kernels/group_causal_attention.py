@@ -534,6 +534,17 @@ def tma_available() -> bool:
     return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
+def tma_device(device) -> tuple[bool, str]:
+    """(whether the TMA forward runs on ``device``, why not): an sm_90 GPU and a triton that builds
+    tensor descriptors. Whether the groups are in token order and the dtype are the call's to check."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return False, "TMA forward is for sm_90 only"
+    if not tma_available():
+        return False, f"triton {triton.__version__} has no tl.make_tensor_descriptor"
+    return True, ""
+
+
 def forward_path(q: torch.Tensor, sorted_tokens: bool) -> tuple[str, str]:
     """(path, why) the forward takes for q: "tma" on sm_90 for fp16/bf16 when both token orders are
     the identity (the plan's ``sorted_tokens``), "gather" otherwise."""
@@ -541,12 +552,11 @@ def forward_path(q: torch.Tensor, sorted_tokens: bool) -> tuple[str, str]:
         return _path_override, "forced by forward_path_override"
     if not sorted_tokens:
         return "gather", "groups not in token order: permutation in the loads"
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "gather", "TMA forward is for sm_90 only"
+    runs, why = tma_device(q.device)
+    if not runs:
+        return "gather", why
     if q.dtype not in (torch.float16, torch.bfloat16):
         return "gather", "TMA forward is for fp16/bf16 only"
-    if not tma_available():
-        return "gather", f"triton {triton.__version__} has no tl.make_tensor_descriptor"
     return "tma", "sm_90, groups in token order: TMA loads and stores"
 
 

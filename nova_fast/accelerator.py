@@ -51,7 +51,8 @@ import torch.nn.functional as F
 
 from nova_fast import backends
 from nova_fast.ops.denoise_tokens import batch_rows, denoise_tokens, patch_embed_matrix, tensor_version
-from nova_fast.ops.group_causal_attention import HEAD_DIMS, SUPPORTED as ATTENTION_BACKENDS, group_causal_attention
+from nova_fast.ops.group_causal_attention import (HEAD_DIMS, SUPPORTED as ATTENTION_BACKENDS, group_causal_attention,
+                                                  mark_if_in_token_order)
 from nova_fast.ops.modulate import modulate
 from nova_fast.ops.residual_norm import residual_norm
 from nova_fast.reference.layers import apply_rope, gather_tokens, sincos_2d, unpatchify
@@ -401,7 +402,9 @@ def add_pos_embed(self, tokens):
 
 @_scoped
 def temporal_attention_mask(self, group_ids):
-    return GroupMask(group_ids)
+    # the reference's frame ids are in token order by construction, but only a read can tell; on
+    # sm_90 one read per training forward lets every temporal layer take the TMA forward
+    return GroupMask(mark_if_in_token_order(group_ids))
 
 
 @_scoped

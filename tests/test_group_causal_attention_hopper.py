@@ -131,6 +131,55 @@ def test_plan_knows_sorted_tokens_without_reading_device_groups():
     assert not gca._known_sorted(g)
 
 
+def test_groups_handed_in_are_read_for_token_order_only_where_tma_runs(monkeypatch):
+    """mark_if_in_token_order: off sm_90 (here: CPU, meta) the groups are not read and stay untagged;
+    where the TMA forward runs (stubbed) they are read once and tagged iff non-decreasing, per row."""
+    ref_ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])  # int64, as the reference's frame_group_ids builds them
+    assert not MaskPlan(gca.mark_if_in_token_order(ref_ids)).sorted_tokens
+    meta = torch.empty(8, dtype=torch.int64, device="meta")  # any read fails
+    assert gca.mark_if_in_token_order(meta) is meta and not gca._known_sorted(meta)
+    with pytest.raises(TypeError, match="groups must be a torch.Tensor"):
+        gca.mark_if_in_token_order([0, 1])
+
+    monkeypatch.setattr(gca, "_token_order_pays_off", lambda device: True)
+    assert MaskPlan(gca.mark_if_in_token_order(ref_ids)).sorted_tokens
+    assert not MaskPlan(gca.mark_if_in_token_order(ref_ids.flip(0))).sorted_tokens
+    assert MaskPlan(gca.mark_if_in_token_order(torch.tensor([[0, 1, 1], [0, 0, 2]]))).sorted_tokens
+    assert not MaskPlan(gca.mark_if_in_token_order(torch.tensor([[0, 1, 1], [0, 2, 1]]))).sorted_tokens
+    gen = torch.Generator().manual_seed(1)
+    assert not MaskPlan(gca.mark_if_in_token_order(random_set_groups(24, 4, gen))).sorted_tokens
+    tagged = gca.mark_if_in_token_order(ref_ids.clone())
+    tagged[3] = 5  # changed in place after the read: the tag no longer holds
+    assert not MaskPlan(tagged).sorted_tokens
+
+
+def test_accelerated_training_hands_tagged_frame_ids_where_tma_runs(monkeypatch):
+    """On sm_90 (stubbed) every temporal layer of an accelerated training step gets frame ids the
+    plan knows to be in token order, so the forward may take the TMA path; off sm_90 they are untagged."""
+    from nova_fast import accelerator
+    from nova_fast.reference import NOVAConfig, build_model, random_text_states
+
+    torch.manual_seed(0)
+    model = nova_fast.accelerate(build_model(NOVAConfig.preset("tiny")).train())
+    seen = []
+    real = accelerator.group_causal_attention
+
+    def spy(q, k, v, q_groups=None, *a, **kw):
+        if q_groups is not None:
+            seen.append(MaskPlan(q_groups).sorted_tokens)
+        return real(q, k, v, q_groups, *a, **kw)
+
+    monkeypatch.setattr(accelerator, "group_causal_attention", spy)
+    latents = torch.randn(1, 4, 2, 8, 12)
+    text = random_text_states(model.config, 1)
+    model.training_losses(latents, text, generator=torch.Generator().manual_seed(0))
+    assert seen and not any(seen), seen
+    seen.clear()
+    monkeypatch.setattr(gca, "_token_order_pays_off", lambda device: True)
+    model.training_losses(latents, text, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == len(model.video_encoder.blocks) and all(seen), seen
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_tma_forward_parity_in_the_interpreter(dtype, triton_device, poisoned_empty):

@@ -46,7 +46,8 @@ read q, k, v and write the outputs in the caller's token order through the order
   without mask arithmetic and mask only the partial tiles, skip the rest, and take the heaviest
   tiles first. :func:`attention_work` reports the tiles it visits. On sm_90, fp16/bf16 with groups
   known to be in token order (``MaskPlan.sorted_tokens``: built by :func:`frame_groups`, no device
-  read) the forward loads and stores tiles by TMA instead; the path says which forward ran. Tile
+  read; or tagged by :func:`mark_if_in_token_order`, one read where it pays off) the forward loads
+  and stores tiles by TMA instead; the path says which forward ran. Tile
   sizes per architecture come from the kernels' generated table.
 
 Autograd: ``torch.library`` custom ops ``nova_fast::group_causal_attention`` (takes the plan's
@@ -104,6 +105,35 @@ def _known_sorted(groups: Tensor) -> bool:
         return getattr(groups, "_nova_fast_sorted_version", None) == groups._version
     except RuntimeError:  # inference tensors: no version counter
         return False
+
+
+def _token_order_pays_off(device: torch.device) -> bool:
+    """Knowing that groups are in token order changes the kernel on ``device``: the TMA forward runs
+    there (not while a CUDA graph is being captured: no host read is allowed then)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return False
+    from nova_fast.kernels.group_causal_attention import tma_device
+
+    return tma_device(device)[0]
+
+
+def mark_if_in_token_order(groups: Tensor) -> Tensor:
+    """``groups``, tagged as :func:`frame_groups` tags its result if they are non-decreasing and the
+    tag can pay off, so that plans built from them may take the TMA forward.
+
+    For callers handed a layout they did not build (``accelerate``'s training forward gets the
+    reference's frame ids): deciding needs a read of the groups, one device-to-host copy that
+    synchronises on a GPU, so it happens once per mask (not per layer) and only where the TMA
+    forward runs (sm_90, see ``kernels.group_causal_attention.tma_device``). Elsewhere, under
+    torch.compile and during CUDA-graph capture (where a read is not allowed) the groups come back
+    as they are, unread: plans then take the gather forward, which is correct for any order."""
+    if not isinstance(groups, Tensor):
+        raise TypeError(f"groups must be a torch.Tensor of group ids, got {type(groups).__name__}")
+    if torch.compiler.is_compiling() or _known_sorted(groups) or not _token_order_pays_off(groups.device):
+        return groups
+    if groups.numel() < 2 or bool((groups[..., 1:] >= groups[..., :-1]).all()):  # the one host read
+        return _mark_sorted(groups)
+    return groups
 
 
 def random_set_groups(num_tokens: int, set_sizes, generator: torch.Generator | None = None, *,
