@@ -225,8 +225,9 @@ def host_threads_per_row(D, vectorized=True):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("B,L,D,chunks", TWO_ROW_CASES)
 def test_cuda_host_two_rows_per_block(dtype, per_token, normalize, B, L, D, chunks):
-    x, scale, shift = make_inputs(B, L, D, dtype, "cpu", per_token)  # scale/shift: 16-byte aligned chunks
-    assert host_threads_per_row(D) == 128  # the launcher's plan for these (vectorizable) inputs
+    x, scale, shift = make_inputs(B, L, D, dtype, "cpu", per_token)
+    assert all(t.data_ptr() % 16 == 0 for t in (x, scale, shift))  # 16-byte pieces: the 128-thread kernels
+    assert host_threads_per_row(D) == 128
     grad_out = torch.randn(B, L, D, dtype=dtype)
     ref_out, ref_grads = reference_grads(x, scale, shift, normalize, grad_out)
     out, grads = host_modulate(x, scale, shift, normalize, grad_out, chunks=chunks)  # outputs poisoned (NaN)

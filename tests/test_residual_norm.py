@@ -168,6 +168,7 @@ def test_cuda_host_rows_per_block(dtype, gate, D):
 def test_cuda_host_two_rows_per_block(dtype, gate, B, L, D, chunks):
     """1024 < D <= 2048: 128 threads per row, two rows per block (shapes: tests/test_modulate.py)."""
     x, y, weight, bias, g = make_inputs(B, L, D, dtype, "cpu", gate)
+    assert all(t is None or t.data_ptr() % 16 == 0 for t in (x, y, weight, bias, g))  # 16-byte pieces
     assert host_threads_per_row(D) == 128
     grad_out = torch.randn(B, L, D, dtype=dtype)
     ref_out, ref_grads = reference(x, y, weight, bias, g, grad_out)
