@@ -8,13 +8,29 @@
 // (row stride 2D or 3D) are read in place. Outputs and gradients are contiguous (B, L, D), except
 // the residual output, which has its own strides (in place: the strides of x).
 //
-// Rows per block: a row belongs to a group of TPR threads (TPR = 16, 64 or 256: the smallest that
-// holds D with at most 16 elements per thread), so a 256-thread block handles 256 / TPR rows at
-// once and no thread idles on small D (at D = 1024 in fp16 one row per block would leave half of
-// them without a piece). Each thread holds up to 16 / W pieces of W elements: W = 16 bytes /
+// Rows per block: a row belongs to a group of TPR threads (TPR = 16, 64, 128 or 256: the smallest
+// that holds D with at most 16 elements per thread), so a 256-thread block handles 256 / TPR rows at
+// once rather than leaving threads without a piece (at D = 1024 in fp16 one row per block would
+// leave half of them idle). Each thread holds up to 16 / W pieces of W elements: W = 16 bytes /
 // sizeof(T) when the launcher found every pointer, row stride and D aligned to 16 bytes (one
 // 16-byte load per piece), else W = 1 (then TPR = 256). Mean and variance are fp32, two passes over
 // the registers, reduced over the row's threads (shuffles within a warp, shared memory across).
+//
+// At NOVA's widths (16-byte pieces; before -> after 128 threads per row came in for 1024 < D <=
+// 2048): idle = threads of a row without a piece, use = pieces / (TPR * pieces of its busiest thread).
+//      D   16-bit: TPR   idle     use          fp32: TPR   idle   use
+//    768            64     0%     75%                 64     0%   100%
+//   1024            64     0%    100%                 64     0%   100%
+//   1152    256 -> 128  44 -> 0%  56%         256 -> 128     0%   56 -> 75%
+//   1280    256 -> 128  38 -> 0%  62%         256 -> 128     0%   62 -> 83%
+//   1536    256 -> 128  25 -> 0%  75%         256 -> 128     0%   75 -> 100%
+//   2048    256 -> 128     0%    100%         256 -> 128     0%   100%
+//   3072           256     0%     75%                256     0%   100%
+// In 16 bits the use is unchanged (a row's pieces move from 256 threads, some idle, to 128, some
+// holding two), but a block now holds two rows where it held one: twice the rows' loads in flight
+// per SM at the same registers per thread (C = 16 / W pieces whatever TPR). Balanced widths that do
+// not divide 256 (96 or 192 threads at D = 1536) would lift the 16-bit use to 100% but need other
+// block sizes; 32 threads per row would serve 256 < D <= 512, none of NOVA's widths.
 //
 // Backward: block (b, chunk) walks rows_per_block consecutive rows of sample b, 256 / TPR rows at a
 // time. Per-row gradients are written directly; column sums (d scale / d shift of per-sample
@@ -443,24 +459,29 @@ bool strides_divisible(long long s, S... rest) { return s % W == 0 && strides_di
 #define NOVA_VECTORIZABLE(T, D, PTRS, STRIDES) \
   ((D) % (16 / sizeof(T)) == 0 && all_aligned PTRS && strides_divisible<16 / sizeof(T)> STRIDES)
 
-// Threads per row: the smallest of 16, 64, 256 that holds D at kPerThread elements each; scalar
-// pieces (unaligned rows, rare) always take 256, so only the 16-byte kernels come in three widths.
+// Threads per row: the smallest of kRowWidths that holds D at kPerThread elements each; scalar
+// pieces (unaligned rows, rare) always take 256, so only the 16-byte kernels come in four widths.
+constexpr int kRowWidths[] = {16, 64, 128, kThreads};
+static_assert(kThreads * kPerThread >= kMaxD, "one row per block holds the widest row");
 int threads_per_row(int D, bool vectorized) {
   if (!vectorized) return kThreads;
-  return D <= 16 * kPerThread ? 16 : (D <= 64 * kPerThread ? 64 : kThreads);
+  for (int tpr : kRowWidths)
+    if (D <= tpr * kPerThread) return tpr;
+  return kThreads;  // D > kMaxD: refused by the callers before any launch
 }
 
-// Calls launch(std::integral_constant<int, TPR>) for the runtime TPR (scalar pieces: 256 only).
-template <int W, class F>
+// Calls launch(std::integral_constant<int, TPR>) for the runtime TPR, one of kRowWidths (scalar
+// pieces: 256 only); the instantiated widths are kRowWidths itself, so they cannot drift apart.
+template <int W, int I = 0, class F>
 int with_threads_per_row(int tpr, F&& launch) {
+  constexpr int kWidths = sizeof(kRowWidths) / sizeof(kRowWidths[0]);
   if constexpr (W == 1) {
     return launch(std::integral_constant<int, kThreads>{});
+  } else if constexpr (I < kWidths) {
+    if (tpr == kRowWidths[I]) return launch(std::integral_constant<int, kRowWidths[I]>{});
+    return with_threads_per_row<W, I + 1>(tpr, launch);
   } else {
-    switch (tpr) {
-      case 16: return launch(std::integral_constant<int, 16>{});
-      case 64: return launch(std::integral_constant<int, 64>{});
-      default: return launch(std::integral_constant<int, kThreads>{});
-    }
+    return cudaErrorInvalidConfiguration;  // not a width threads_per_row returns
   }
 }
 

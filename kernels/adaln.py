@@ -27,7 +27,11 @@ MAX_D = 4096
 
 # Rows per program: short rows share a program as a [ROWS, BLOCK_D] tile of up to ROW_TILE elements
 # (D <= 1024: 2 to 128 rows), so a program's fixed work (weight / bias loads, launch share) is
-# amortized and its threads all hold row elements; D > 1024 keeps one row per program.
+# amortized and its threads all hold row elements; D > 1024 keeps one row per program. Unlike the
+# CUDA kernels' fixed 256-thread blocks (csrc/adaln.cu, 128 threads per row there for 1024 < D <=
+# 2048), num_warps follows the tile, so a second row would not put idle threads to work: the lanes
+# that idle here are BLOCK_D's power-of-two padding (D = 1152 / 1280 / 1536: 44 / 38 / 25% of the
+# tile), which every row of a taller tile would carry as well.
 ROW_TILE = 2048
 
 

@@ -178,9 +178,14 @@ def test_cuda_host_matches_eager(dtype, per_token, B, L, D):
                                    atol=GRAD_TOL[dtype] * max(1.0, ref.abs().max().item()), msg=lambda m: f"{name}: {m}")
 
 
-# Several rows per block / program: D across the row widths (16, 64, 256 threads per row in CUDA;
-# 96 ragged against the 16-byte pieces), rows ragged against the rows per block and per chunk.
+# Several rows per block / program: D across the row widths (16, 64, 128 threads per row in CUDA;
+# 96 ragged against the 16-byte pieces), rows ragged against the rows per block and per chunk
+# (B * L = 74 against 16 rows per block, 21 against 4 and 2; chunks of 4 rows, the last one 3).
 ROW_WIDTH_DS = [64, 96, 1024, 1280, 2048]
+
+
+def rows_for_width(D):
+    return (2, 37) if D <= 96 else (3, 7)
 
 
 @pytest.mark.host_cuda
@@ -188,7 +193,7 @@ ROW_WIDTH_DS = [64, 96, 1024, 1280, 2048]
 @pytest.mark.parametrize("per_token", [True, False])
 @pytest.mark.parametrize("D", ROW_WIDTH_DS)
 def test_cuda_host_rows_per_block(dtype, per_token, D):
-    B, L = 2, 37 if D <= 96 else 11
+    B, L = rows_for_width(D)
     x, scale, shift = make_inputs(B, L, D, dtype, "cpu", per_token)
     grad_out = torch.randn(B, L, D, dtype=dtype)
     ref_out, ref_grads = reference_grads(x, scale, shift, True, grad_out)
@@ -198,6 +203,55 @@ def test_cuda_host_rows_per_block(dtype, per_token, D):
         assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g.float(), ref, rtol=GRAD_TOL[dtype],
                                    atol=GRAD_TOL[dtype] * max(1.0, ref.abs().max().item()), msg=lambda m: f"{name}: {m}")
+
+
+# 1024 < D <= 2048: two rows per block (128 threads per row). 1152 leaves a few threads of a row
+# with one more piece than the rest (fp16: 16 of 128 hold 2; fp32: 32 hold 3), 1536 is a NOVA width.
+# Shapes: an odd row count (the last block's second row is past the end) and a backward chunk of a
+# single row (B = 4, L = 3 on 3 chunks) or of an odd count (L = 5 on 2 chunks).
+TWO_ROW_CASES = [(1, 5, 1152, 2), (4, 3, 1536, 3)]
+
+
+def host_threads_per_row(D, vectorized=True):
+    lib = cuda_host.host_library("adaln")
+    grid, tpr = (ctypes.c_longlong * 3)(), ctypes.c_int()
+    assert lib.nova_adaln_launch_grid(0, 1, 1, D, 1, int(vectorized), grid, ctypes.byref(tpr)) == 0
+    return tpr.value
+
+
+@pytest.mark.host_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("B,L,D,chunks", TWO_ROW_CASES)
+def test_cuda_host_two_rows_per_block(dtype, per_token, normalize, B, L, D, chunks):
+    x, scale, shift = make_inputs(B, L, D, dtype, "cpu", per_token)
+    assert all(t.data_ptr() % 16 == 0 for t in (x, scale, shift))  # 16-byte pieces: the 128-thread kernels
+    assert host_threads_per_row(D) == 128
+    grad_out = torch.randn(B, L, D, dtype=dtype)
+    ref_out, ref_grads = reference_grads(x, scale, shift, normalize, grad_out)
+    out, grads = host_modulate(x, scale, shift, normalize, grad_out, chunks=chunks)  # outputs poisoned (NaN)
+    assert_close(out, ref_out, dtype, f"forward D={D}")
+    for name, g, ref in zip(("dx", "dscale", "dshift"), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.float(), ref, rtol=GRAD_TOL[dtype],
+                                   atol=GRAD_TOL[dtype] * max(1.0, ref.abs().max().item()), msg=lambda m: f"{name}: {m}")
+
+
+# Threads per row the launchers pick (16-byte pieces): the smallest of 16, 64, 128, 256 that holds D
+# at 16 elements per thread; unaligned rows (scalar pieces) always 256.
+THREADS_PER_ROW = {16: 16, 256: 16, 264: 64, 768: 64, 1024: 64, 1032: 128, 1152: 128, 1280: 128, 1536: 128,
+                   2048: 128, 2056: 256, 3072: 256, 4096: 256}
+
+
+@pytest.mark.host_cuda
+def test_cuda_threads_per_row_by_width():
+    picked = {D: host_threads_per_row(D) for D in THREADS_PER_ROW}
+    assert picked == THREADS_PER_ROW
+    assert {host_threads_per_row(D, vectorized=False) for D in THREADS_PER_ROW} == {256}
+    for D in range(1032, 2049, 8):  # every 16-bit-vectorizable width of the range: two rows per block,
+        tpr = host_threads_per_row(D)  # every thread of a row with at least one 16-byte piece
+        assert tpr == 128 and D // 8 >= tpr, D
 
 
 @pytest.mark.host_cuda
@@ -290,8 +344,10 @@ def test_nvcc_builds_adaln_without_spills():
     reports = cuda_host.assert_no_spills(cuda_host.csrc_path("adaln"))
     print("\n" + "\n".join(f"{r.arch} {r.registers:4d} regs  {r.name}" for r in reports))
     assert {r.arch for r in reports} == {"sm_80", "sm_90"}
-    # per arch: 4 kernels x 3 dtypes x (16-byte pieces at 16, 64, 256 threads per row + scalar), + 3 partial sums
-    assert len(reports) == 2 * (4 * 3 * 4 + 3)
+    # per arch: 4 kernels x 3 dtypes x (16-byte pieces at 16, 64, 128, 256 threads per row + scalar),
+    # + 3 partial sums
+    assert len(reports) == 2 * (4 * 3 * 5 + 3)
+    assert sum("ELi128EE" in r.name for r in reports) == 2 * 4 * 3  # the two-rows-per-block kernels
 
 
 # ---- torch backend on CPU tensors: the hand-written kernel (csrc/cpu/adaln.cpp) ----
@@ -373,8 +429,8 @@ def test_cuda_launch_grids_within_limits(B, L, D):
         assert lib.nova_adaln_launch_grid(0, B, L, D, 1, vectorized, grid, ctypes.byref(tpr)) == 0
         rows_per_block = 256 // tpr.value
         assert grid[0] * rows_per_block >= B * L and grid[0] <= GRID_X_MAX and grid[1] == grid[2] == 1
-        if vectorized and D <= 1024:
-            assert rows_per_block > 1  # small rows share a block
+        if vectorized and D <= 2048:
+            assert rows_per_block > 1  # rows up to 2048 elements share a block
         chunks = max(1, min(L, -(-4 * 132 // B)))  # the binding's choice on a 132-SM GPU
         assert lib.nova_adaln_launch_grid(1, B, L, D, chunks, vectorized, grid, ctypes.byref(tpr)) == 0
         assert grid[0] == B and grid[1] == chunks <= GRID_Y_MAX

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import nova_fast
 from conftest import assert_close, fresh_output_poisoned, poison_like
 from nova_fast.testing import cuda_host
+from test_modulate import TWO_ROW_CASES, host_threads_per_row, rows_for_width
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
@@ -149,13 +150,29 @@ def test_cuda_host_matches_eager(dtype, gate, B, L, D):
 @pytest.mark.parametrize("gate", [None, "token", "sample"])
 @pytest.mark.parametrize("D", [64, 96, 1024, 1280, 2048])
 def test_cuda_host_rows_per_block(dtype, gate, D):
-    """Several rows per block (16, 64 or 256 threads per row): D across the widths, 96 ragged against
+    """Several rows per block (16, 64 or 128 threads per row): D across the widths, 96 ragged against
     the 16-byte pieces, rows ragged against the rows per block and per backward chunk; outputs poisoned."""
-    B, L = 2, 37 if D <= 96 else 11
+    B, L = rows_for_width(D)
     x, y, weight, bias, g = make_inputs(B, L, D, dtype, "cpu", gate)
     grad_out = torch.randn(B, L, D, dtype=dtype)
     ref_out, ref_grads = reference(x, y, weight, bias, g, grad_out)
     out, grads = host_residual_norm(x, y, weight, bias, g, grad_out, chunks=2)
+    assert_close(out, ref_out, dtype, f"forward D={D}")
+    check_grads(grads, ref_grads, dtype)
+
+
+@pytest.mark.host_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", [None, "token", "sample"])
+@pytest.mark.parametrize("B,L,D,chunks", TWO_ROW_CASES)
+def test_cuda_host_two_rows_per_block(dtype, gate, B, L, D, chunks):
+    """1024 < D <= 2048: 128 threads per row, two rows per block (shapes: tests/test_modulate.py)."""
+    x, y, weight, bias, g = make_inputs(B, L, D, dtype, "cpu", gate)
+    assert all(t is None or t.data_ptr() % 16 == 0 for t in (x, y, weight, bias, g))  # 16-byte pieces
+    assert host_threads_per_row(D) == 128
+    grad_out = torch.randn(B, L, D, dtype=dtype)
+    ref_out, ref_grads = reference(x, y, weight, bias, g, grad_out)
+    out, grads = host_residual_norm(x, y, weight, bias, g, grad_out, chunks=chunks)  # outputs poisoned
     assert_close(out, ref_out, dtype, f"forward D={D}")
     check_grads(grads, ref_grads, dtype)
 
