@@ -56,16 +56,18 @@ def no_host_sync(monkeypatch):
 
 
 @pytest.mark.triton
-def test_device_path_makes_no_host_sync(triton_device, no_host_sync):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic dq"])
+def test_device_path_makes_no_host_sync(deterministic, triton_device, no_host_sync):
     gen = torch.Generator().manual_seed(1)
     qg = (torch.randperm(33, generator=gen) % 5).int().to(triton_device)         # unsorted, like random sets
     kg = torch.randint(0, 4, (33,), generator=gen).int().to(triton_device)
     q, k, v = (torch.randn(1, 1, 33, 64, generator=gen).to(triton_device).requires_grad_() for _ in range(3))
     with nova_fast.use_backend("triton", op="group_causal_attention"), kernels.blocks(16, 16):
-        out = group_causal_attention(q, k, v, qg, kg)
+        out = group_causal_attention(q, k, v, qg, kg, deterministic=deterministic)
         out.backward(torch.ones_like(out))
         with torch.no_grad():
             group_causal_attention(q, k, v, qg)
+    assert kernels.last_backward_path == ("deterministic" if deterministic else "atomic")
 
 
 def test_mask_plan_builds_on_a_device_without_reading_it(no_host_sync):
@@ -130,14 +132,17 @@ class _RecordGrid:
 
 def test_grid_within_cuda_limits_for_100k_batch_heads(monkeypatch):
     grids = {}
-    for name in ("gca_fwd_kernel", "gca_bwd_delta_kernel", "gca_bwd_dkdv_kernel", "gca_bwd_dq_kernel"):
+    names = ("gca_fwd_kernel", "gca_bwd_delta_kernel", "gca_bwd_dkdv_kernel", "gca_bwd_dq_kernel",
+             "gca_bwd_dkdv_dq_atomic_kernel")
+    for name in names:
         monkeypatch.setattr(kernels, name, _RecordGrid(grids, name))
     B, H, N, D = 1000, 100, 3, 64       # B * H = 100,000; stride-0 views: no memory for the inputs
     x = torch.zeros(1, 1, 1, D, dtype=torch.float16).expand(B, H, N, D)
     plan = MaskPlan(torch.arange(N, dtype=torch.int32))
     out, lse = kernels.forward(x, x, x, plan.q_order, plan.k_order, plan.k_visible, 0.125)
-    kernels.backward(x, x, x, x, out, lse, plan.q_order, plan.k_order, plan.k_visible, None, 0.125)
-    assert set(grids) == {"gca_fwd_kernel", "gca_bwd_delta_kernel", "gca_bwd_dkdv_kernel", "gca_bwd_dq_kernel"}
+    for deterministic in (True, False):
+        kernels.backward(x, x, x, x, out, lse, plan.q_order, plan.k_order, plan.k_visible, None, 0.125, deterministic)
+    assert set(grids) == set(names)
     for name, grid in grids.items():
         assert 1 <= len(grid) <= 3 and all(0 < g <= limit for g, limit in zip(grid, CUDA_GRID_LIMITS)), (name, grid)
         assert grid[0] % (B * H) == 0, f"{name}: every (b, h) gets the same number of tiles"
