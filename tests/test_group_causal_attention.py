@@ -321,6 +321,8 @@ def test_triton_atomic_and_deterministic_backwards_agree(triton_device):
 
 
 @pytest.mark.triton
+# the interpreter warns when the masked keys' p overflows before tl.where drops it: the case itself
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 def test_triton_atomic_backward_masks_keys_past_nk(triton_device):
     """Every score far below zero (about -100): lse ~ -100, so a key past Nk in the ragged last key
     tile (k = 0, score 0) would get p = exp(100) = inf in fp32 unmasked, and ds = inf times k = 0 is

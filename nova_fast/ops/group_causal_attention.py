@@ -46,8 +46,11 @@ read q, k, v and write the outputs in the caller's token order through the order
   without mask arithmetic and mask only the partial tiles, skip the rest, and take the heaviest
   tiles first. :func:`attention_work` reports the tiles it visits. On sm_90, fp16/bf16 with groups
   known to be in token order (``MaskPlan.sorted_tokens``: built by :func:`frame_groups`, no device
-  read) the forward loads and stores tiles by TMA instead; the path says which forward ran. Tile
-  sizes per architecture come from the kernels' generated table.
+  read) the forward loads and stores tiles by TMA instead; the path says which forward ran. The
+  backward is deterministic by default (a dk/dv and a dq kernel, 7 tile GEMMs, no atomics);
+  ``deterministic=False`` takes FlashAttention-2's 5 (dq added by atomics in the dk/dv kernel);
+  ``backend_info()``'s ``backward_path`` says which ran (the torch backend has one backward,
+  deterministic, run either way). Tile sizes per architecture come from the kernels' generated table.
 
 Autograd: ``torch.library`` custom ops ``nova_fast::group_causal_attention`` (takes the plan's
 tensors, returns out and the fp32 log-sum-exp in token order, +inf for rows that see no key) and
