@@ -11,7 +11,8 @@
 - strided and misaligned inputs are handled, a non-unit last stride is refused by name;
 - the mask plan: tile ranges against a brute force over the dense mask, heaviest tiles first,
   the plan cached per mask and shared by the backward;
-- a missing flash-attn is looked up once.
+- a missing flash-attn is looked up once;
+- autotuning the atomic-dq backward (deterministic=False) zeroes its dq accumulator between timed runs.
 """
 import builtins
 import sys
@@ -330,3 +331,33 @@ def test_missing_flash_attn_is_looked_up_once(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", counting_import)
     assert [gca._flash_attn_func() for _ in range(3)] == [None] * 3
     assert attempts == ["flash_attn"]
+
+
+# ---------------------------------------------------------------- autotuning the atomic-dq backward
+def test_atomic_backward_autotune_zeroes_dq_between_timed_runs(monkeypatch):
+    """With NOVA_FAST_GCA_AUTOTUNE=1 on a GPU, triton.autotune runs a kernel once per option before
+    the real launch: the atomic kernel's dq accumulator must be zeroed before each (reset_to_zero),
+    or the timed runs' adds land in the gradient. Its options keep 8 warps (DQ_ATOMIC_NUM_WARPS); the
+    deterministic kernels need no reset. Launches are stubbed: the autotuner's arguments are read."""
+    tuned = {}
+
+    def recording_autotune(configs, key, reset_to_zero=None, **kwargs):
+        def wrap(kernel):
+            tuned[kernel.__name__] = (configs, reset_to_zero, kernel.arg_names)
+            return _RecordGrid({}, kernel.__name__)
+        return wrap
+    monkeypatch.setattr(kernels, "autotuning", lambda device: True)
+    monkeypatch.setattr(kernels.triton, "autotune", recording_autotune)
+    monkeypatch.setattr(kernels, "_autotuned", {})
+    monkeypatch.setattr(kernels, "gca_bwd_delta_kernel", _RecordGrid({}, "gca_bwd_delta_kernel"))
+    x = torch.zeros(1, 1, 40, 64, dtype=torch.float16)
+    lse = torch.zeros(1, 1, 40)
+    plan = MaskPlan(torch.arange(40, dtype=torch.int32))
+    for deterministic in (True, False):
+        kernels.backward(x, x, x, x, x, lse, plan.q_order, plan.k_order, plan.k_visible, None, 0.125, deterministic)
+    assert set(tuned) == {"gca_bwd_dkdv_kernel", "gca_bwd_dq_kernel", "gca_bwd_dkdv_dq_atomic_kernel"}
+    configs, reset, arg_names = tuned["gca_bwd_dkdv_dq_atomic_kernel"]
+    assert reset == ["dq_acc_ptr"] and "dq_acc_ptr" in arg_names
+    assert configs and all(c.num_warps == kernels.DQ_ATOMIC_NUM_WARPS for c in configs)
+    assert len({c.num_stages for c in configs}) == len(configs)   # the 8-warp options are not repeated
+    assert tuned["gca_bwd_dkdv_kernel"][1] is None and tuned["gca_bwd_dq_kernel"][1] is None
