@@ -223,15 +223,16 @@ def test_triton_parity(shape, dtype, triton_device, poisoned_empty):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic dq"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_triton_fp32_production_tiles(head_dim, triton_device, poisoned_empty):
+def test_triton_fp32_production_tiles(head_dim, deterministic, triton_device, poisoned_empty):
     """fp32 runs its own (small) production tiles: small enough for the interpreter, so the exact
-    configuration a GPU launches is checked here too."""
+    configuration a GPU launches is checked here too (the tiles; warps do not exist in the interpreter)."""
     gen = torch.Generator().manual_seed(head_dim)
     qg = random_set_groups(60, 5, gen, prefix_len=11)
-    run_case("triton", qg, None, 1, 1, 71, 71, head_dim, torch.float32, triton_device)
+    run_case("triton", qg, None, 1, 1, 71, 71, head_dim, torch.float32, triton_device, deterministic=deterministic)
     kv = (torch.full((40,), 2, dtype=torch.int32), torch.cat([frame_groups(2, 20, 3), torch.full((40,), 2).int()]))
-    run_case("triton", *kv, 1, 1, 40, 83, head_dim, torch.float32, triton_device)
+    run_case("triton", *kv, 1, 1, 40, 83, head_dim, torch.float32, triton_device, deterministic=deterministic)
 
 
 @pytest.mark.triton
