@@ -26,9 +26,15 @@ is (tiles * B * H,): its x dimension allows 2^31 - 1 programs (y and z only 65,5
 FlashAttention-2 online softmax in the exp2 domain with fp32 accumulation. The log-sum-exp is
 stored in natural log per row, in token order; a row that sees no key gets output 0 and
 LSE = +inf, so in the backward ``exp(s - lse)`` is exactly 0 for it (no NaN). Backward: a
-pre-pass writes delta = rowsum(dO * O) and the lse in log2 units in sorted order, then one
-kernel for dk/dv (loop over query tiles) and one for dq (loop over key tiles), without atomics
-(deterministic; 7 tile GEMMs against FlashAttention-2's 5 with atomic dq).
+pre-pass writes delta = rowsum(dO * O) and the lse in log2 units in sorted order, then either
+
+- deterministic (the default): one kernel for dk/dv (loop over query tiles) and one for dq (loop
+  over key tiles), without atomics: 7 tile GEMMs per visited (query tile, key tile) pair (S^T, dv,
+  dP^T, dk; then S, dP, dq), bitwise reproducible;
+- atomic (``deterministic=False``): FlashAttention-2's 5 tile GEMMs: the dk/dv kernel also adds
+  ds @ k into an fp32 dq buffer in token order with ``tl.atomic_add`` (no dq kernel, no second
+  S and dP), so dq's summation order varies between runs. It runs the dk/dv table entry at 8 warps
+  (the dq product spills at the 4-warp picks; see ``DQ_ATOMIC_NUM_WARPS``).
 
 Offsets: batch and head bases and row offsets are computed in int64 (B*H*N*D may pass 2^31).
 
@@ -99,6 +105,24 @@ def table_configs(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> li
         entries = ([c for c in entries if c["shared_bytes"] <= SMALL_SHARED_PER_BLOCK]
                    or [min(entries, key=lambda c: c["shared_bytes"])])
     return entries
+
+
+# The atomic-dq backward (gca_bwd_dkdv_dq_atomic_kernel) has no table entries of its own: it runs the
+# dk/dv kernel's first entry (same tile, so the same grid and key-tile plan, and same stages) at 8
+# warps. Its extra BLOCK_M x D fp32 dq product spills at the 4-warp picks (AOT, triton 3.9, bytes per
+# thread: sm_80 16-bit d64 16, sm_80 fp32 d128 192, sm_90 16-bit d64 96, sm_90 16-bit d128 224). At
+# 8 warps: triton 3.9 spills sm_80 fp32 d64 8 B (one register saved around a call), sm_80 fp32 d128
+# 24 B, sm_90 16-bit d64 16 B; triton 3.6 (the lent GPU's) sm_90 fp32 d64 and d128 16 B each; the
+# rest nothing. The AOT tests allow the atomic kernel up to DQ_ATOMIC_SPILL_BOUND bytes per thread
+# (the deterministic kernels none): a few registers to local memory (L1), against the 7-GEMM
+# path's second pass over S and dP. Unmeasured on a GPU.
+DQ_ATOMIC_NUM_WARPS = 8
+DQ_ATOMIC_SPILL_BOUND = 24
+
+
+def dq_atomic_launch(cfg: dict) -> dict:
+    """The atomic-dq backward's launch configuration from a dk/dv table entry ``cfg``."""
+    return dict(cfg, num_warps=DQ_ATOMIC_NUM_WARPS)
 
 
 def config(kind: str, head_dim: int, dtype: torch.dtype, device=None) -> dict:
@@ -245,10 +269,12 @@ def gca_bwd_delta_kernel(o_ptr, do_ptr, lse_ptr, delta_ptr, lse2_ptr, q_order_pt
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_bh, do_bh, qo_b, kvis_b, lse2_bh, delta_bh, rows, keys, Nq, q_sn, do_sn, cols,
-               scale_log2, PARTIAL: tl.constexpr, PRECISION: tl.constexpr):
-    # one query tile's contribution to a key tile's dk, dv. Rows past Nq read lse = +inf (p = 0).
-    # Partial tiles: key j contributes to a row iff j < its k_visible.
+def _dkdv_tile(dk, dv, k, v, q_bh, do_bh, qo_b, kvis_b, lse2_bh, delta_bh, dq_bh, rows, keys, Nq, q_sn, do_sn, cols,
+               scale, scale_log2, HEAD_DIM: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
+               DQ_ATOMIC: tl.constexpr):
+    # one query tile's contribution to a key tile's dk, dv: 4 tile GEMMs (S^T, dv, dP^T, dk); with
+    # DQ_ATOMIC a fifth, ds @ k, added into the fp32 dq rows (dq_bh, token order) by atomics.
+    # Rows past Nq read lse = +inf (p = 0). Partial tiles: key j contributes to a row iff j < its k_visible.
     q = _load_rows(q_bh, qo_b, rows, q_sn, cols, Nq, True)
     do = _load_rows(do_bh, qo_b, rows, do_sn, cols, Nq, True)
     row_ok = rows < Nq
@@ -262,7 +288,62 @@ def _dkdv_tile(dk, dv, k, v, q_bh, do_bh, qo_b, kvis_b, lse2_bh, delta_bh, rows,
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    if DQ_ATOMIC:
+        # relaxed: the adds only need to be atomic; nothing reads dq before the kernel ends
+        tok = tl.load(qo_b + rows, mask=row_ok, other=0)
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PRECISION) * scale
+        tl.atomic_add(_rows(dq_bh, tok, HEAD_DIM, cols), dq, mask=row_ok[:, None], sem="relaxed")
     return dk, dv
+
+
+@triton.jit
+def _dkdv_program(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
+                  q_order_ptr, k_order_ptr, k_visible_ptr, key_tiles_ptr,
+                  scale, scale_log2, Nq, Nk, H, BH, n_ktiles,
+                  q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, do_sb, do_sh, do_sn,
+                  qp_sb, kp_sb, kt_sb,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    # the body of both dk/dv kernels. program: one (key tile, b, h), the first key tile (seen by the
+    # most queries) first. dk, dv contiguous (B, H, Nk, D), written at the caller's token positions;
+    # lse2, delta sorted fp32. key_tiles (G, 2, key tiles) int32: first query tile that sees the key
+    # tile, first that sees all of it. DQ_ATOMIC: dq_ptr is a zeroed fp32 (B, H, Nq, D) in token order.
+    tile, b, h, bh = _program(BH, H, n_ktiles, False)
+    keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEAD_DIM)
+    key_ok = keys < Nk
+    ktok = tl.load(k_order_ptr + b * kp_sb + keys, mask=key_ok, other=0)
+    k = tl.load(_rows(k_ptr + b * k_sb + h * k_sh, ktok, k_sn, cols), mask=key_ok[:, None], other=0.0)
+    v = tl.load(_rows(v_ptr + b * v_sb + h * v_sh, ktok, v_sn, cols), mask=key_ok[:, None], other=0.0)
+    q_start = tl.load(key_tiles_ptr + b * kt_sb + tile)
+    q_full = tl.load(key_tiles_ptr + b * kt_sb + n_ktiles + tile)
+    if DQ_ATOMIC:
+        # a ragged last key tile runs every query tile as partial: its keys past Nk (k = v = 0) are
+        # masked there (k_visible <= Nk). Unmasked, their p = exp2(-lse2) is inf for a row whose
+        # visible scores are all below about -88, and ds = inf times k = 0 would put NaN into dq
+        # (dk, dv of those keys are never stored, so the deterministic kernels need no such care).
+        q_full = tl.where((tile + 1) * BLOCK_N > Nk, tl.cdiv(Nq, BLOCK_M), q_full)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    q_bh = q_ptr + b * q_sb + h * q_sh
+    do_bh = do_ptr + b * do_sb + h * do_sh
+    dq_bh = dq_ptr + bh * Nq * HEAD_DIM
+    qo_b = q_order_ptr + b * qp_sb
+    kvis_b = k_visible_ptr + b * qp_sb
+    for start_m in range(q_start * BLOCK_M, q_full * BLOCK_M, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_bh, do_bh, qo_b, kvis_b, lse2_ptr + bh * Nq, delta_ptr + bh * Nq, dq_bh,
+                            start_m + tl.arange(0, BLOCK_M), keys, Nq, q_sn, do_sn, cols, scale, scale_log2,
+                            HEAD_DIM, True, PRECISION, DQ_ATOMIC)
+    for start_m in range(q_full * BLOCK_M, Nq, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_bh, do_bh, qo_b, kvis_b, lse2_ptr + bh * Nq, delta_ptr + bh * Nq, dq_bh,
+                            start_m + tl.arange(0, BLOCK_M), keys, Nq, q_sn, do_sn, cols, scale, scale_log2,
+                            HEAD_DIM, False, PRECISION, DQ_ATOMIC)
+
+    tl.store(_rows(dk_ptr + bh * Nk * HEAD_DIM, ktok, HEAD_DIM, cols), (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=key_ok[:, None])
+    tl.store(_rows(dv_ptr + bh * Nk * HEAD_DIM, ktok, HEAD_DIM, cols), dv.to(dv_ptr.dtype.element_ty),
+             mask=key_ok[:, None])
 
 
 @triton.jit
@@ -273,37 +354,29 @@ def gca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr
                         qp_sb, kp_sb, kt_sb,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         PRECISION: tl.constexpr):
-    # program: one (key tile, b, h), the first key tile (seen by the most queries) first. dk, dv
-    # contiguous (B, H, Nk, D), written at the caller's token positions; lse2, delta sorted fp32.
-    # key_tiles (G, 2, key tiles) int32: first query tile that sees the key tile, first that sees all of it.
-    tile, b, h, bh = _program(BH, H, n_ktiles, False)
-    keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, HEAD_DIM)
-    key_ok = keys < Nk
-    ktok = tl.load(k_order_ptr + b * kp_sb + keys, mask=key_ok, other=0)
-    k = tl.load(_rows(k_ptr + b * k_sb + h * k_sh, ktok, k_sn, cols), mask=key_ok[:, None], other=0.0)
-    v = tl.load(_rows(v_ptr + b * v_sb + h * v_sh, ktok, v_sn, cols), mask=key_ok[:, None], other=0.0)
-    q_start = tl.load(key_tiles_ptr + b * kt_sb + tile)
-    q_full = tl.load(key_tiles_ptr + b * kt_sb + n_ktiles + tile)
+    # dk, dv only (the deterministic backward; gca_bwd_dq_kernel computes dq). dk_ptr stands in for
+    # the dq pointer, which DQ_ATOMIC = False never touches.
+    _dkdv_program(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dk_ptr,
+                  q_order_ptr, k_order_ptr, k_visible_ptr, key_tiles_ptr, scale, scale_log2, Nq, Nk, H, BH, n_ktiles,
+                  q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, do_sb, do_sh, do_sn, qp_sb, kp_sb, kt_sb,
+                  HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION, False)
 
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    q_bh = q_ptr + b * q_sb + h * q_sh
-    do_bh = do_ptr + b * do_sb + h * do_sh
-    qo_b = q_order_ptr + b * qp_sb
-    kvis_b = k_visible_ptr + b * qp_sb
-    for start_m in range(q_start * BLOCK_M, q_full * BLOCK_M, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_bh, do_bh, qo_b, kvis_b, lse2_ptr + bh * Nq, delta_ptr + bh * Nq,
-                            start_m + tl.arange(0, BLOCK_M), keys, Nq, q_sn, do_sn, cols, scale_log2, True, PRECISION)
-    for start_m in range(q_full * BLOCK_M, Nq, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_bh, do_bh, qo_b, kvis_b, lse2_ptr + bh * Nq, delta_ptr + bh * Nq,
-                            start_m + tl.arange(0, BLOCK_M), keys, Nq, q_sn, do_sn, cols, scale_log2, False,
-                            PRECISION)
 
-    tl.store(_rows(dk_ptr + bh * Nk * HEAD_DIM, ktok, HEAD_DIM, cols), (dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=key_ok[:, None])
-    tl.store(_rows(dv_ptr + bh * Nk * HEAD_DIM, ktok, HEAD_DIM, cols), dv.to(dv_ptr.dtype.element_ty),
-             mask=key_ok[:, None])
+@triton.jit
+def gca_bwd_dkdv_dq_atomic_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
+                                  q_order_ptr, k_order_ptr, k_visible_ptr, key_tiles_ptr,
+                                  scale, scale_log2, Nq, Nk, H, BH, n_ktiles,
+                                  q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, do_sb, do_sh, do_sn,
+                                  qp_sb, kp_sb, kt_sb,
+                                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  PRECISION: tl.constexpr):
+    # FlashAttention-2's backward: dk, dv as gca_bwd_dkdv_kernel and dq added into dq_acc (zeroed
+    # fp32 (B, H, Nq, D), token order) by atomics in the same loop: 5 tile GEMMs per (query tile, key
+    # tile) instead of 7, no dq kernel, and a summation order that varies from run to run.
+    _dkdv_program(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
+                  q_order_ptr, k_order_ptr, k_visible_ptr, key_tiles_ptr, scale, scale_log2, Nq, Nk, H, BH, n_ktiles,
+                  q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, do_sb, do_sh, do_sn, qp_sb, kp_sb, kt_sb,
+                  HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION, True)
 
 
 @triton.jit
@@ -497,15 +570,22 @@ def autotuning(device) -> bool:
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and _block_override is None)
 
 
-def _launchable(kernel, kind: str, cfg: dict, q: torch.Tensor):
+def _launchable(kernel, kind: str, cfg: dict, q: torch.Tensor, reset_to_zero: list[str] | None = None,
+                num_warps: int | None = None):
     """(kernel to index with the grid, launch options): the table's config, or on a GPU with
-    autotuning on, triton.autotune over :func:`runtime_configs` (keyed on the sequence lengths)."""
+    autotuning on, triton.autotune over :func:`runtime_configs` (keyed on the sequence lengths).
+    ``reset_to_zero``: arguments the kernel accumulates into (atomics), zeroed before each timed run;
+    ``num_warps``: fixed for every option (cfg already holds it), the stages still tried."""
     if not autotuning(q.device):
         return kernel, _launch_opts(cfg)
     options = runtime_configs(kind, q.shape[-1], q.dtype, q.device)
-    key = (kind, q.shape[-1], q.dtype, device_arch(q.device))
+    if num_warps is not None:
+        options = [dict(t) for t in dict.fromkeys(tuple(dict(o, num_warps=num_warps).items()) for o in options)]
+    # keyed on the kernel too: two kernels share the "dkdv" entries
+    key = (kernel.__name__, kind, q.shape[-1], q.dtype, device_arch(q.device))
     if key not in _autotuned:
-        _autotuned[key] = triton.autotune([triton.Config({}, **o) for o in options], key=["Nq", "Nk"])(kernel)
+        _autotuned[key] = triton.autotune([triton.Config({}, **o) for o in options], key=["Nq", "Nk"],
+                                          reset_to_zero=reset_to_zero)(kernel)
     return _autotuned[key], {}
 
 
@@ -609,15 +689,26 @@ def forward(q, k, v, q_order, k_order, k_visible, scale, sorted_tokens: bool = F
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, scale):
+# the backward kernels: "deterministic" (gca_bwd_dkdv_kernel then gca_bwd_dq_kernel, 7 tile GEMMs,
+# no atomics) and "atomic" (gca_bwd_dkdv_dq_atomic_kernel, 5 tile GEMMs, dq by atomic adds); the
+# path the last backward() call took
+BACKWARD_PATHS = ("deterministic", "atomic")
+last_backward_path: str | None = None
+
+
+def backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, scale, deterministic: bool = True):
     """(dq, dk, dv), contiguous, in token order, for the forward above. ``key_tiles``: the dk/dv
-    kernel's plan, :func:`key_tile_plan` for ``config("dkdv", D, dtype)``'s blocks (None: built here)."""
+    kernel's plan, :func:`key_tile_plan` for ``config("dkdv", D, dtype)``'s blocks (None: built here).
+    ``deterministic`` False: dq by atomic adds inside the dk/dv kernel (FlashAttention-2's 5 tile
+    GEMMs; the summation order of dq varies between runs), accumulated in fp32 and cast to q's dtype
+    by a torch op (no copy for fp32); on the dk/dv kernel's table entry at 8 warps
+    (:func:`dq_atomic_launch`), so ``key_tiles`` is the same."""
+    global last_backward_path
     q, k, v, dout, out = aligned(q), aligned(k), aligned(v), aligned(dout), aligned(out)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     lse2 = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    dq = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, H, Nk, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, H, Nk, D), device=q.device, dtype=v.dtype)
     prec = precision(q.dtype)
@@ -635,12 +726,27 @@ def backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, sc
     if key_tiles.shape[-1] != n_ktiles:
         raise ValueError(f"key_tiles has {key_tiles.shape[-1]} key tiles; the dk/dv kernel's {cfg['BLOCK_N']}-key "
                          f"tiles need {n_ktiles}: build it with key_tile_plan for config('dkdv', ...)")
+    if not deterministic:
+        # zeroed here: every row is an accumulator, and rows no key tile reaches stay 0
+        dq_acc = torch.zeros((B, H, Nq, D), device=q.device, dtype=torch.float32)
+        cfg = dq_atomic_launch(cfg)
+        kernel, opts = _launchable(gca_bwd_dkdv_dq_atomic_kernel, "dkdv", cfg, q, reset_to_zero=["dq_acc_ptr"],
+                                   num_warps=DQ_ATOMIC_NUM_WARPS)
+        kernel[grid(n_ktiles, B * H)](
+            q, k, v, dout, lse2, delta, dk, dv, dq_acc, q_order, k_order, k_visible, key_tiles, scale,
+            scale * LOG2E, Nq, Nk, H, B * H, n_ktiles, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+            qp, kp, _plan_stride(key_tiles), HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            PRECISION=prec, **opts)
+        last_backward_path = "atomic"
+        return dq_acc.to(q.dtype), dk, dv
+
     kernel, opts = _launchable(gca_bwd_dkdv_kernel, "dkdv", cfg, q)
     kernel[grid(n_ktiles, B * H)](
         q, k, v, dout, lse2, delta, dk, dv, q_order, k_order, k_visible, key_tiles, scale, scale * LOG2E,
         Nq, Nk, H, B * H, n_ktiles, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qp, kp,
         _plan_stride(key_tiles), HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=prec, **opts)
 
+    dq = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     cfg = config("dq", D, q.dtype, q.device)
     n_qtiles = triton.cdiv(Nq, cfg["BLOCK_M"])
     kernel, opts = _launchable(gca_bwd_dq_kernel, "dq", cfg, q)
@@ -648,6 +754,7 @@ def backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, sc
         q, k, v, dout, lse2, delta, dq, q_order, k_order, k_visible, scale, scale * LOG2E, Nq, Nk, H, B * H,
         n_qtiles, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qp, kp,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=prec, **opts)
+    last_backward_path = "deterministic"
     return dq, dk, dv
 
 
@@ -665,13 +772,17 @@ def _fwd_sig(dt):
     return sig
 
 
-def _bwd_sig(dt, dq: bool):
+def _bwd_sig(dt, kind: str):
+    # kind: "dkdv", "dkdv_dq_atomic" (the dk/dv arguments and the fp32 dq accumulator) or "dq"
+    dq = kind == "dq"
     sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "do_ptr": f"*{dt}", "lse2_ptr": "*fp32",
            "delta_ptr": "*fp32"}
     if dq:
         sig["dq_ptr"] = f"*{dt}"
     else:
         sig.update({"dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}"})
+    if kind == "dkdv_dq_atomic":
+        sig["dq_acc_ptr"] = "*fp32"
     sig.update({"q_order_ptr": "*i32", "k_order_ptr": "*i32", "k_visible_ptr": "*i32"})
     if not dq:
         sig["key_tiles_ptr"] = "*i32"
@@ -701,24 +812,33 @@ def _fwd_tma_sig(dt):
     return sig
 
 
+# the table kind whose entries a kernel runs on: the atomic-dq backward has no entries of its own
+# (same loop and tiles as the dk/dv kernel, one more GEMM: see DQ_ATOMIC_NUM_WARPS)
+TABLE_KIND = {"fwd": "fwd", "fwd_tma": "fwd_tma", "dkdv": "dkdv", "dkdv_dq_atomic": "dkdv", "dq": "dq"}
+
+
 def kernel_signature(kind: str, dt: str) -> tuple[str, dict]:
-    """(kernel name, AOT signature) of kernel ``kind`` ("fwd", "fwd_tma", "dkdv", "dq") for dtype ``dt``."""
+    """(kernel name, AOT signature) of kernel ``kind`` ("fwd", "fwd_tma", "dkdv", "dkdv_dq_atomic",
+    "dq") for dtype ``dt``."""
     return {"fwd": ("gca_fwd_kernel", _fwd_sig(dt)), "fwd_tma": ("gca_fwd_tma_kernel", _fwd_tma_sig(dt)),
-            "dkdv": ("gca_bwd_dkdv_kernel", _bwd_sig(dt, False)), "dq": ("gca_bwd_dq_kernel", _bwd_sig(dt, True))}[kind]
+            "dkdv": ("gca_bwd_dkdv_kernel", _bwd_sig(dt, "dkdv")),
+            "dkdv_dq_atomic": ("gca_bwd_dkdv_dq_atomic_kernel", _bwd_sig(dt, "dkdv_dq_atomic")),
+            "dq": ("gca_bwd_dq_kernel", _bwd_sig(dt, "dq"))}[kind]
 
 
 def _specs():
     """Every configuration a launcher picks: the generated table's first entry per (arch, dtype
-    class, head dim, kernel), compiled for fp16 and bf16 (16-bit entries) or fp32, for the
+    class, head dim, kernel) (the atomic-dq backward at the dk/dv entries), compiled for fp16 and bf16 (16-bit entries) or fp32, for the
     architecture(s) that pick it; plus the delta pre-pass per dtype and head dim on both targets."""
     from .group_causal_attention_configs import CONFIGS
 
     picks: dict = {}  # (kind, dt, d, tile, warps, stages) -> the archs picking it
-    for (arch, dtype_class, d, kind), entries in CONFIGS.items():
-        cfg = entries[0]
-        for dt in (("fp16", "bf16") if dtype_class == "16bit" else ("fp32",)):
-            key = (kind, dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
-            picks.setdefault(key, []).append(arch)
+    for (arch, dtype_class, d, table_kind), entries in CONFIGS.items():
+        for kind in (k for k, t in TABLE_KIND.items() if t == table_kind):
+            cfg = dq_atomic_launch(entries[0]) if kind == "dkdv_dq_atomic" else entries[0]
+            for dt in (("fp16", "bf16") if dtype_class == "16bit" else ("fp32",)):
+                key = (kind, dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+                picks.setdefault(key, []).append(arch)
     specs = []
     for (kind, dt, d, bm, bn, warps, stages), archs in picks.items():
         kernel, sig = kernel_signature(kind, dt)

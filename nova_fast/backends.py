@@ -196,13 +196,18 @@ def record(op: str, backend: str, reason: str) -> None:
         _last_used[op] = (backend, reason)
 
 
-_last_path: dict[str, str] = {}
+_last_path: dict[tuple[str, str], str] = {}
+PATH_FIELDS = ("path", "backward_path")
 
 
-def record_path(op: str, path: str) -> None:
+def record_path(op: str, path: str, field: str = "path") -> None:
     """Which implementation inside a backend ran ``op`` last (e.g. the torch backend's CPU kernel or
-    its ATen composition), with why; reported by :func:`backend_info` beside the backend."""
-    _last_path[op] = path
+    its ATen composition), with why; reported by :func:`backend_info` beside the backend, under
+    ``field``: "path" (the op, or its forward) or "backward_path" (an op whose backward has a choice
+    of its own, kept apart so a backward does not overwrite what the forward reported)."""
+    if field not in PATH_FIELDS:
+        raise ValueError(f"unknown path field {field!r}: expected one of {PATH_FIELDS}")
+    _last_path[op, field] = path
 
 
 def last_used() -> dict[str, tuple[str, str]]:
@@ -211,12 +216,12 @@ def last_used() -> dict[str, tuple[str, str]]:
 
 
 def _last_used_report() -> dict:
-    """{op: {backend, why[, path]}}; an op run with an explicit backend argument (no resolution
+    """{op: {backend, why[, path][, backward_path]}}; an op run with an explicit backend argument (no resolution
     recorded) still reports its path."""
     used, paths = last_used(), dict(_last_path)
     report = {op: {"backend": b, "why": why} for op, (b, why) in used.items()}
-    for op, path in paths.items():
-        report.setdefault(op, {"backend": None, "why": "backend passed by the caller"})["path"] = path
+    for (op, field), path in paths.items():
+        report.setdefault(op, {"backend": None, "why": "backend passed by the caller"})[field] = path
     return report
 
 

@@ -17,6 +17,7 @@ def doctor_table(info: dict) -> str:
             ("requested backend", _requested(info["requested"]))]
     for op, used in sorted(info["last_used"].items()):
         path = f" [{used['path']}]" if "path" in used else ""
+        path += f" [backward: {used['backward_path']}]" if "backward_path" in used else ""
         rows.append((f"last {op}", f"{used['backend']}: {used['why']}{path}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -50,9 +50,11 @@ def test_adaln_ops_on_gpu_match_eager(backend, dtype):
     assert_close(got_res, want_res, dtype, f"residual_norm {backend}")
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic dq"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_compiled_attention_production_tiles_forward_and_backward(dtype):
-    """The random-set spatial mask at the production tiles (no test tile override), bf16 included."""
+def test_compiled_attention_production_tiles_forward_and_backward(dtype, deterministic):
+    """The random-set spatial mask at the production tiles (no test tile override), bf16 included
+    (the interpreter cannot run bf16 dots), with either Triton backward."""
     from nova_fast.ops.group_causal_attention import random_set_groups
 
     gen = torch.Generator("cuda").manual_seed(1)
@@ -64,9 +66,12 @@ def test_compiled_attention_production_tiles_forward_and_backward(dtype):
     for backend in ("triton", "torch"):
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         with nova_fast.use_backend(backend):
-            out = nova_fast.group_causal_attention(*leaves, groups)
+            out = nova_fast.group_causal_attention(*leaves, groups, deterministic=deterministic)
             grads = torch.autograd.grad(out, leaves, grad)
-        assert nova_fast.backend_info()["last_used"]["group_causal_attention"]["backend"] == backend
+        used = nova_fast.backend_info()["last_used"]["group_causal_attention"]
+        assert used["backend"] == backend
+        if backend == "triton":
+            assert used["backward_path"].startswith("triton deterministic" if deterministic else "triton atomic")
         results[backend] = (out, *grads)
     out, want_out = results["triton"][0], results["torch"][0]
     assert_close(out, want_out.float(), dtype, f"triton out {dtype}")

@@ -30,14 +30,15 @@ def reference(q, k, v, q_groups, k_groups, scale=None):
     return torch.where(has_key, out, torch.zeros((), dtype=out.dtype))
 
 
-def run_case(backend, q_groups, k_groups, B, H, Nq, Nk, D, dtype, device, seed=0, scale=None):
+def run_case(backend, q_groups, k_groups, B, H, Nq, Nk, D, dtype, device, seed=0, scale=None, deterministic=True):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, n, D, generator=gen).to(device, dtype) for n in (Nq, Nk, Nk))
     grad = torch.randn(B, H, Nq, D, generator=gen).to(device, dtype)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     with nova_fast.use_backend(backend, op="group_causal_attention"):
         out = group_causal_attention(*leaves, q_groups.to(device),
-                                     None if k_groups is None else k_groups.to(device), scale=scale)
+                                     None if k_groups is None else k_groups.to(device), scale=scale,
+                                     deterministic=deterministic)
         assert backends.last_used()["group_causal_attention"][0] == backend
         out.backward(grad)  # inside the block: the backward op resolves the backend when it runs
     assert backends.last_used()["group_causal_attention"][0] == backend
@@ -163,6 +164,8 @@ def test_attention_work():
     (dict(k=torch.randn(1, 2, 8, 64, dtype=torch.float16)), TypeError, "mixed dtypes"),
     (dict(q=torch.randn(1, 2, 8, 64).int()), TypeError, "q must have dtype"),
     (dict(q=torch.randn(2, 8, 64)), ValueError, "q must have 4 dimensions"),
+    (dict(deterministic=0), TypeError, "deterministic must be a bool"),
+    (dict(deterministic="no"), TypeError, "deterministic must be a bool"),
 ])
 def test_bad_input(bad, error, match):
     args = dict(q=torch.randn(1, 2, 8, 64), k=torch.randn(1, 2, 8, 64), v=torch.randn(1, 2, 8, 64),
@@ -220,29 +223,32 @@ def test_triton_parity(shape, dtype, triton_device, poisoned_empty):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic dq"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_triton_fp32_production_tiles(head_dim, triton_device, poisoned_empty):
+def test_triton_fp32_production_tiles(head_dim, deterministic, triton_device, poisoned_empty):
     """fp32 runs its own (small) production tiles: small enough for the interpreter, so the exact
-    configuration a GPU launches is checked here too."""
+    configuration a GPU launches is checked here too (the tiles; warps do not exist in the interpreter)."""
     gen = torch.Generator().manual_seed(head_dim)
     qg = random_set_groups(60, 5, gen, prefix_len=11)
-    run_case("triton", qg, None, 1, 1, 71, 71, head_dim, torch.float32, triton_device)
+    run_case("triton", qg, None, 1, 1, 71, 71, head_dim, torch.float32, triton_device, deterministic=deterministic)
     kv = (torch.full((40,), 2, dtype=torch.int32), torch.cat([frame_groups(2, 20, 3), torch.full((40,), 2).int()]))
-    run_case("triton", *kv, 1, 1, 40, 83, head_dim, torch.float32, triton_device)
+    run_case("triton", *kv, 1, 1, 40, 83, head_dim, torch.float32, triton_device, deterministic=deterministic)
 
 
 @pytest.mark.triton
-def test_triton_head_dim_128_and_batch_groups(triton_device, poisoned_empty):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic dq"])
+def test_triton_head_dim_128_and_batch_groups(deterministic, triton_device, poisoned_empty):
     from nova_fast.kernels.group_causal_attention import blocks
 
     gen = torch.Generator().manual_seed(8)
     qg = torch.stack([random_set_groups(33, 4, gen), torch.randint(-1, 3, (33,), generator=gen).int()])
     with blocks(16, 32):
-        run_case("triton", qg, None, 2, 1, 33, 33, 128, torch.float32, triton_device)
+        run_case("triton", qg, None, 2, 1, 33, 33, 128, torch.float32, triton_device, deterministic=deterministic)
     # q groups shared by the batch, k groups per batch row (the plan expands the shared side)
     kg = torch.stack([torch.randint(0, 4, (40,), generator=gen), torch.randint(1, 3, (40,), generator=gen)]).int()
     with blocks(16, 16):
-        run_case("triton", frame_groups(3, 10, 3), kg, 2, 1, 33, 40, 64, torch.float16, triton_device)
+        run_case("triton", frame_groups(3, 10, 3), kg, 2, 1, 33, 40, 64, torch.float16, triton_device,
+                 deterministic=deterministic)
 
 
 @pytest.mark.triton
@@ -265,6 +271,129 @@ def test_triton_skips_tiles_it_cannot_see(triton_device):
     assert attention_work(g, block_m=16, block_n=16)["tiles_visited"] == 10
 
 
+# ---------------------------------------------------------------- Triton: the atomic-dq backward
+# deterministic=False: dq added by atomics inside the dk/dv kernel. bf16 as above: AOT-compiled only
+# (the interpreter's bf16 tl.dot is wrong), fp32 and fp16 run here.
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_atomic_backward_parity(shape, dtype, triton_device, poisoned_empty):
+    # the layouts of test_triton_parity: frames with a prefix, random sets, one group, a group per
+    # token, KV caches, rows that see no key (their dq rows get no add: the zeroed buffer must show);
+    # lengths 45, 29, 77 are ragged on 16-row tiles. poisoned_empty: a dq buffer we forgot to zero is NaN.
+    from nova_fast.kernels import group_causal_attention as kernels
+
+    B, H, Nq, Nk = shape
+    with kernels.blocks(16, 16) if not HAS_GPU else kernels.blocks(64, 64):
+        for name, (qg, kg) in layouts(Nq, Nk, torch.Generator().manual_seed(Nq)).items():
+            kernels.last_backward_path = None
+            try:
+                run_case("triton", qg, kg, B, H, Nq, Nk, 64, dtype, triton_device, seed=2, deterministic=False)
+            except AssertionError as exc:
+                raise AssertionError(f"layout {name}: {exc}") from exc
+            assert kernels.last_backward_path == "atomic"
+            info = nova_fast.backend_info()["last_used"]["group_causal_attention"]
+            assert info["backward_path"].startswith("triton atomic backward"), info
+            assert info["path"].startswith("triton gather forward"), info   # the backward kept it apart
+
+
+@pytest.mark.triton
+def test_triton_atomic_and_deterministic_backwards_agree(triton_device):
+    """Per-batch groups (B = 2, each row its own plan), ragged 37 tokens: the two backwards give the
+    same gradients within fp32 rounding; dk and dv come from the same code and order in both (under
+    the interpreter, bitwise)."""
+    from nova_fast.kernels import group_causal_attention as kernels
+
+    gen = torch.Generator().manual_seed(11)
+    qg = torch.stack([random_set_groups(37, 6, gen, prefix_len=0), frame_groups(3, 11, 4)])
+    grads = {}
+    for deterministic in (True, False):
+        leaves = [torch.randn(2, 2, 37, 64, generator=torch.Generator().manual_seed(12 + i)).to(triton_device)
+                  .requires_grad_() for i in range(3)]
+        with nova_fast.use_backend("triton", op="group_causal_attention"), kernels.blocks(16, 16):
+            out = group_causal_attention(*leaves, qg.to(triton_device), deterministic=deterministic)
+            out.backward(torch.cos(out.detach() * 3))
+        assert kernels.last_backward_path == ("deterministic" if deterministic else "atomic")
+        grads[deterministic] = [t.grad for t in leaves]
+    for name, a, d in zip("qkv", grads[False], grads[True]):
+        torch.testing.assert_close(a, d, rtol=1e-5, atol=1e-6, msg=lambda m: f"d{name}: {m}")
+    if not HAS_GPU:
+        assert torch.equal(grads[False][1], grads[True][1]) and torch.equal(grads[False][2], grads[True][2])
+
+
+@pytest.mark.triton
+# the interpreter warns when the masked keys' p overflows before tl.where drops it: the case itself
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_triton_atomic_backward_masks_keys_past_nk(triton_device):
+    """Every score far below zero (about -100): lse ~ -100, so a key past Nk in the ragged last key
+    tile (k = 0, score 0) would get p = exp(100) = inf in fp32 unmasked, and ds = inf times k = 0 is
+    NaN in dq. 20 tokens in one group: on 16 x 16 tiles the last key tile holds 4 keys and every query
+    tile sees it wholly (a "full" tile, no mask): the atomic kernel must run it masked."""
+    from nova_fast.kernels import group_causal_attention as kernels
+
+    gen = torch.Generator().manual_seed(13)
+    u = torch.nn.functional.normalize(torch.randn(64, generator=gen), dim=0)
+    noise = lambda: 0.3 * torch.randn(1, 1, 20, 64, generator=gen)  # noqa: E731
+    q = (-32.0 * u + noise()).to(triton_device).requires_grad_()
+    k = (25.0 * u + noise()).to(triton_device).requires_grad_()    # q . k / 8 ~ -100
+    v = torch.randn(1, 1, 20, 64, generator=gen).to(triton_device).requires_grad_()
+    g = torch.zeros(20, dtype=torch.int32, device=triton_device)
+    with nova_fast.use_backend("triton", op="group_causal_attention"), kernels.blocks(16, 16):
+        out = group_causal_attention(q, k, v, g, deterministic=False)
+        out.backward(torch.ones_like(out))
+    assert kernels.last_backward_path == "atomic"
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    scores = (ref[0] @ ref[1].transpose(-1, -2)) / 8
+    assert scores.max() < -90, "the case needs every score below about -88 (fp32 exp overflow)"
+    reference(*ref, g, g).backward(torch.ones_like(out, dtype=torch.float64))
+    assert torch.isfinite(q.grad).all(), "NaN/inf in dq: keys past Nk reached the atomic adds"
+    # scores of magnitude 100 carry fp32 rounding of ~1e-5 relative into exp: a looser tolerance
+    for name, t, r in zip("qkv", (q, k, v), ref):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+def test_torch_backend_deterministic_false_runs_its_one_backward(torch_device):
+    """The torch backend has one backward, deterministic: deterministic=False (a permission) runs it,
+    bit for bit, and backend_info's backward_path says so rather than ignoring the flag silently."""
+    gen = torch.Generator().manual_seed(14)
+    qg = random_set_groups(30, 4, gen)
+    grads = {}
+    for deterministic in (True, False):
+        (q, k, v), _ = run_case("torch", qg, None, 1, 2, 30, 30, 64, torch.float32, torch_device, seed=3,
+                                deterministic=deterministic)
+        grads[deterministic] = (q.grad, k.grad, v.grad)
+        path = nova_fast.backend_info()["last_used"]["group_causal_attention"]["backward_path"]
+        assert path.startswith(gca.TORCH_BACKWARD_PATH)
+        assert ("no atomic-dq variant" in path) == (not deterministic)
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+
+
+def test_backward_tile_gemm_counts():
+    """The module docstring's count, from the kernels' source: per visited (query tile, key tile)
+    pair the deterministic backward runs 7 tile GEMMs (the dk/dv tile's 4, the dq tile's 3), the
+    atomic one 5 (the dk/dv tile's 4 and ds @ k under DQ_ATOMIC); the kernels and the dk/dv program
+    call tl.dot only through these tile helpers."""
+    import ast
+    import inspect
+
+    from nova_fast.kernels import group_causal_attention as kernels
+
+    tree = ast.parse(inspect.getsource(kernels))
+    funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+
+    def dots(node):
+        return sum(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "dot"
+                   and isinstance(n.func.value, ast.Name) and n.func.value.id == "tl" for n in ast.walk(node))
+    atomic = [n for n in ast.walk(funcs["_dkdv_tile"]) if isinstance(n, ast.If) and isinstance(n.test, ast.Name)
+              and n.test.id == "DQ_ATOMIC"]
+    assert len(atomic) == 1
+    shared, dq_atomic, dq_tile = dots(funcs["_dkdv_tile"]) - dots(atomic[0]), dots(atomic[0]), dots(funcs["_dq_tile"])
+    assert (shared, dq_atomic, dq_tile) == (4, 1, 3)
+    assert all(dots(funcs[f]) == 0 for f in ("_dkdv_program", "gca_bwd_dkdv_kernel", "gca_bwd_dkdv_dq_atomic_kernel",
+                                             "gca_bwd_dq_kernel"))
+    assert f"{shared + dq_tile} tile GEMMs" in kernels.__doc__ and f"{shared + dq_atomic} tile GEMMs" in kernels.__doc__
+
+
 # ---------------------------------------------------------------- AOT
 # dynamic shared memory one block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -285,9 +414,12 @@ def test_aot_production_configs_compile_without_spills_within_shared_memory():
             mp.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
             for dtype, dt in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
                 for d in (64, 128):
-                    kinds = ("fwd", "dkdv", "dq") + (("fwd_tma",) if arch == 90 and dt != "fp32" else ())
+                    kinds = ("fwd", "dkdv", "dkdv_dq_atomic", "dq") + (("fwd_tma",) if arch == 90 and dt != "fp32"
+                                                                       else ())
                     for kind in kinds:
-                        cfg = kernels.config(kind, d, dtype, torch.device("cuda"))
+                        cfg = kernels.config(kernels.TABLE_KIND[kind], d, dtype, torch.device("cuda"))
+                        if kind == "dkdv_dq_atomic":
+                            cfg = kernels.dq_atomic_launch(cfg)
                         launched.add((kernels.kernel_signature(kind, dt)[0], dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"],
                                       cfg["num_warps"], cfg["num_stages"], kernels.precision(dtype)))
     compiled = {(s.kernel, s.signature["q_ptr" if "q_ptr" in s.signature else "o_ptr"][1:], s.constexprs["HEAD_DIM"],
@@ -299,7 +431,11 @@ def test_aot_production_configs_compile_without_spills_within_shared_memory():
     results = triton_aot.compile_in_subprocess("nova_fast.kernels.group_causal_attention")
     # every spec for each of its targets (the TMA forward: sm_90 only)
     assert len(results) == sum(len(s.archs or (80, 90)) for s in kernels.AOT_SPECS)
-    assert triton_aot.problems(results) == []
+    # the atomic-dq backward at the dk/dv picks (8 warps) may spill up to its bound (figures and why:
+    # kernels.DQ_ATOMIC_NUM_WARPS); every other kernel nothing
+    spilled = {f"{r.module}:{r.spec} sm_{r.arch}" for r in results
+               if r.spec.startswith("dkdv_dq_atomic") and r.local_bytes <= kernels.DQ_ATOMIC_SPILL_BOUND}
+    assert [p for p in triton_aot.problems(results) if p.split(" spills: ")[0] not in spilled] == []
     over = [f"{r.spec} sm_{r.arch}: {r.shared_bytes} B" for r in results if r.shared_bytes > SHARED_LIMIT[r.arch]]
     assert over == [], f"shared memory over the architecture's limit: {over}"
     assert all(r.hgmma > 0 for r in results if r.arch == 90 and r.tensor_cores)

@@ -11,7 +11,8 @@
 - strided and misaligned inputs are handled, a non-unit last stride is refused by name;
 - the mask plan: tile ranges against a brute force over the dense mask, heaviest tiles first,
   the plan cached per mask and shared by the backward;
-- a missing flash-attn is looked up once.
+- a missing flash-attn is looked up once;
+- autotuning the atomic-dq backward (deterministic=False) zeroes its dq accumulator between timed runs.
 """
 import builtins
 import sys
@@ -56,16 +57,18 @@ def no_host_sync(monkeypatch):
 
 
 @pytest.mark.triton
-def test_device_path_makes_no_host_sync(triton_device, no_host_sync):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic dq"])
+def test_device_path_makes_no_host_sync(deterministic, triton_device, no_host_sync):
     gen = torch.Generator().manual_seed(1)
     qg = (torch.randperm(33, generator=gen) % 5).int().to(triton_device)         # unsorted, like random sets
     kg = torch.randint(0, 4, (33,), generator=gen).int().to(triton_device)
     q, k, v = (torch.randn(1, 1, 33, 64, generator=gen).to(triton_device).requires_grad_() for _ in range(3))
     with nova_fast.use_backend("triton", op="group_causal_attention"), kernels.blocks(16, 16):
-        out = group_causal_attention(q, k, v, qg, kg)
+        out = group_causal_attention(q, k, v, qg, kg, deterministic=deterministic)
         out.backward(torch.ones_like(out))
         with torch.no_grad():
             group_causal_attention(q, k, v, qg)
+    assert kernels.last_backward_path == ("deterministic" if deterministic else "atomic")
 
 
 def test_mask_plan_builds_on_a_device_without_reading_it(no_host_sync):
@@ -130,14 +133,17 @@ class _RecordGrid:
 
 def test_grid_within_cuda_limits_for_100k_batch_heads(monkeypatch):
     grids = {}
-    for name in ("gca_fwd_kernel", "gca_bwd_delta_kernel", "gca_bwd_dkdv_kernel", "gca_bwd_dq_kernel"):
+    names = ("gca_fwd_kernel", "gca_bwd_delta_kernel", "gca_bwd_dkdv_kernel", "gca_bwd_dq_kernel",
+             "gca_bwd_dkdv_dq_atomic_kernel")
+    for name in names:
         monkeypatch.setattr(kernels, name, _RecordGrid(grids, name))
     B, H, N, D = 1000, 100, 3, 64       # B * H = 100,000; stride-0 views: no memory for the inputs
     x = torch.zeros(1, 1, 1, D, dtype=torch.float16).expand(B, H, N, D)
     plan = MaskPlan(torch.arange(N, dtype=torch.int32))
     out, lse = kernels.forward(x, x, x, plan.q_order, plan.k_order, plan.k_visible, 0.125)
-    kernels.backward(x, x, x, x, out, lse, plan.q_order, plan.k_order, plan.k_visible, None, 0.125)
-    assert set(grids) == {"gca_fwd_kernel", "gca_bwd_delta_kernel", "gca_bwd_dkdv_kernel", "gca_bwd_dq_kernel"}
+    for deterministic in (True, False):
+        kernels.backward(x, x, x, x, out, lse, plan.q_order, plan.k_order, plan.k_visible, None, 0.125, deterministic)
+    assert set(grids) == set(names)
     for name, grid in grids.items():
         assert 1 <= len(grid) <= 3 and all(0 < g <= limit for g, limit in zip(grid, CUDA_GRID_LIMITS)), (name, grid)
         assert grid[0] % (B * H) == 0, f"{name}: every (b, h) gets the same number of tiles"
@@ -325,3 +331,33 @@ def test_missing_flash_attn_is_looked_up_once(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", counting_import)
     assert [gca._flash_attn_func() for _ in range(3)] == [None] * 3
     assert attempts == ["flash_attn"]
+
+
+# ---------------------------------------------------------------- autotuning the atomic-dq backward
+def test_atomic_backward_autotune_zeroes_dq_between_timed_runs(monkeypatch):
+    """With NOVA_FAST_GCA_AUTOTUNE=1 on a GPU, triton.autotune runs a kernel once per option before
+    the real launch: the atomic kernel's dq accumulator must be zeroed before each (reset_to_zero),
+    or the timed runs' adds land in the gradient. Its options keep 8 warps (DQ_ATOMIC_NUM_WARPS); the
+    deterministic kernels need no reset. Launches are stubbed: the autotuner's arguments are read."""
+    tuned = {}
+
+    def recording_autotune(configs, key, reset_to_zero=None, **kwargs):
+        def wrap(kernel):
+            tuned[kernel.__name__] = (configs, reset_to_zero, kernel.arg_names)
+            return _RecordGrid({}, kernel.__name__)
+        return wrap
+    monkeypatch.setattr(kernels, "autotuning", lambda device: True)
+    monkeypatch.setattr(kernels.triton, "autotune", recording_autotune)
+    monkeypatch.setattr(kernels, "_autotuned", {})
+    monkeypatch.setattr(kernels, "gca_bwd_delta_kernel", _RecordGrid({}, "gca_bwd_delta_kernel"))
+    x = torch.zeros(1, 1, 40, 64, dtype=torch.float16)
+    lse = torch.zeros(1, 1, 40)
+    plan = MaskPlan(torch.arange(40, dtype=torch.int32))
+    for deterministic in (True, False):
+        kernels.backward(x, x, x, x, x, lse, plan.q_order, plan.k_order, plan.k_visible, None, 0.125, deterministic)
+    assert set(tuned) == {"gca_bwd_dkdv_kernel", "gca_bwd_dq_kernel", "gca_bwd_dkdv_dq_atomic_kernel"}
+    configs, reset, arg_names = tuned["gca_bwd_dkdv_dq_atomic_kernel"]
+    assert reset == ["dq_acc_ptr"] and "dq_acc_ptr" in arg_names
+    assert configs and all(c.num_warps == kernels.DQ_ATOMIC_NUM_WARPS for c in configs)
+    assert len({c.num_stages for c in configs}) == len(configs)   # the 8-warp options are not repeated
+    assert tuned["gca_bwd_dkdv_kernel"][1] is None and tuned["gca_bwd_dq_kernel"][1] is None

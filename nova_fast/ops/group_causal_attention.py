@@ -47,8 +47,11 @@ read q, k, v and write the outputs in the caller's token order through the order
   tiles first. :func:`attention_work` reports the tiles it visits. On sm_90, fp16/bf16 with groups
   known to be in token order (``MaskPlan.sorted_tokens``: built by :func:`frame_groups`, no device
   read; or tagged by :func:`mark_if_in_token_order`, one read where it pays off) the forward loads
-  and stores tiles by TMA instead; the path says which forward ran. Tile
-  sizes per architecture come from the kernels' generated table.
+  and stores tiles by TMA instead; the path says which forward ran. The
+  backward is deterministic by default (a dk/dv and a dq kernel, 7 tile GEMMs, no atomics);
+  ``deterministic=False`` takes FlashAttention-2's 5 (dq added by atomics in the dk/dv kernel);
+  ``backend_info()``'s ``backward_path`` says which ran (the torch backend has one backward,
+  deterministic, run either way). Tile sizes per architecture come from the kernels' generated table.
 
 Autograd: ``torch.library`` custom ops ``nova_fast::group_causal_attention`` (takes the plan's
 tensors, returns out and the fp32 log-sum-exp in token order, +inf for rows that see no key) and
@@ -358,7 +361,16 @@ def _forward_torch(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key
     return _unpermute(out, q_order), _unpermute(lse, q_order)
 
 
-def _backward_torch(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
+TORCH_BACKWARD_PATH = "torch chunked backward (ATen flash attention per query chunk): deterministic"
+
+
+def _backward_torch(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale,
+                    deterministic=True):
+    # one deterministic backward only (no atomics anywhere): deterministic=False, a permission to run
+    # a non-deterministic backward, is satisfied by it, and backend_info's backward_path says so
+    backends.record_path(OP, TORCH_BACKWARD_PATH + ("" if deterministic else
+                                                    " (deterministic=False: this backend has no atomic-dq variant)"),
+                         field="backward_path")
     q_order, k_order = _host_order(q_order), _host_order(k_order)
     qo = lambda t: _permute(t, q_order)  # noqa: E731
     dq, dk, dv = _backward_chunks(qo(dout), qo(q), _permute(k, k_order), _permute(v, k_order), qo(out), qo(lse),
@@ -429,10 +441,19 @@ def _forward_triton(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, ke
     return kernels.forward(q, k, v, q_order, k_order, k_visible, scale, sorted_tokens)
 
 
-def _backward_triton(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
+TRITON_BACKWARD_PATHS = {
+    True: "triton deterministic backward: dk/dv kernel then dq kernel, 7 tile GEMMs, no atomics",
+    False: "triton atomic backward (deterministic=False): dq by atomic adds in the dk/dv kernel, 5 tile GEMMs, "
+           "dq summation order varies between runs",
+}
+
+
+def _backward_triton(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale,
+                     deterministic=True):
     from nova_fast.kernels import group_causal_attention as kernels
 
-    return kernels.backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, scale)
+    backends.record_path(OP, TRITON_BACKWARD_PATHS[deterministic], field="backward_path")
+    return kernels.backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, scale, deterministic)
 
 
 FORWARD = {"torch": _forward_torch, "triton": _forward_triton}
@@ -446,45 +467,50 @@ BACKWARD = {"torch": _backward_torch, "triton": _backward_triton}
 @torch.library.custom_op("nova_fast::group_causal_attention", mutates_args=())
 def group_causal_attention_op(q: Tensor, k: Tensor, v: Tensor, q_order: Tensor, k_order: Tensor, q_groups: Tensor,
                               k_groups: Tensor, k_visible: Tensor, key_tiles: Tensor | None,
-                              scale: float, sorted_tokens: bool = False) -> tuple[Tensor, Tensor]:
-    """(out, fp32 lse) in token order. ``sorted_tokens``: both orders are the identity (MaskPlan.sorted_tokens)."""
+                              scale: float, sorted_tokens: bool = False, deterministic: bool = True
+                              ) -> tuple[Tensor, Tensor]:
+    """(out, fp32 lse) in token order. ``sorted_tokens``: both orders are the identity (MaskPlan.sorted_tokens).
+    ``deterministic``: only kept for the backward (the forward is deterministic on every backend)."""
     backend = backends.resolve(OP, q.device, SUPPORTED)
     return FORWARD[backend](q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale, sorted_tokens)
 
 
 @group_causal_attention_op.register_fake
-def _(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale, sorted_tokens=False):
+def _(q, k, v, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale, sorted_tokens=False,
+      deterministic=True):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("nova_fast::group_causal_attention_backward", mutates_args=())
 def group_causal_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                        q_order: Tensor, k_order: Tensor, q_groups: Tensor, k_groups: Tensor,
-                                       k_visible: Tensor, key_tiles: Tensor | None, scale: float
-                                       ) -> tuple[Tensor, Tensor, Tensor]:
+                                       k_visible: Tensor, key_tiles: Tensor | None, scale: float,
+                                       deterministic: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     backend = backends.resolve(OP, q.device, SUPPORTED)
     return BACKWARD[backend](dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles,
-                             scale)
+                             scale, deterministic)
 
 
 @group_causal_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale):
+def _(dout, q, k, v, out, lse, q_order, k_order, q_groups, k_groups, k_visible, key_tiles, scale, deterministic=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *plan, scale, _sorted_tokens = inputs
+    q, k, v, *plan, scale, _sorted_tokens, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *plan[:-1])
     ctx.key_tiles = plan[-1]  # optional: save_for_backward takes tensors only
     ctx.scale = scale
+    ctx.deterministic = deterministic
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, *plan = ctx.saved_tensors
-    dq, dk, dv = group_causal_attention_backward_op(dout, q, k, v, out, lse, *plan, ctx.key_tiles, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    dq, dk, dv = group_causal_attention_backward_op(dout, q, k, v, out, lse, *plan, ctx.key_tiles, ctx.scale,
+                                                    ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 group_causal_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -658,7 +684,8 @@ def _key_tiles_for(plan: MaskPlan, q: Tensor) -> Tensor | None:
 
 
 def group_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor | MaskPlan | None = None,
-                           k_groups: Tensor | None = None, *, scale: float | None = None) -> Tensor:
+                           k_groups: Tensor | None = None, *, scale: float | None = None,
+                           deterministic: bool = True) -> Tensor:
     """Attention where query i sees key j iff ``k_groups[j] <= q_groups[i]``.
 
     q (B, H, Nq, D), k and v (B, H, Nk, D), D in (64, 128), fp32/fp16/bf16. q_groups: integer
@@ -667,7 +694,16 @@ def group_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor | M
     attention. Rows that see no key return 0. Returns (B, H, Nq, D). Differentiable in q, k and v.
     The Triton backend (auto's choice on CUDA) makes no host synchronisation: the call can be
     captured in a CUDA graph.
+
+    ``deterministic`` (default True): the Triton backward runs a dk/dv kernel and a dq kernel
+    without atomics (7 tile GEMMs per visited tile pair; bitwise reproducible). False allows
+    FlashAttention-2's backward: dq added by atomics inside the dk/dv kernel (5 tile GEMMs; dq's
+    summation order, so its last bits, vary between runs). The torch backend has one backward,
+    deterministic, and runs it either way. ``backend_info()["last_used"]["group_causal_attention"]
+    ["backward_path"]`` says which ran. The forward is the same either way.
     """
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool (True or False), got {deterministic!r}")
     _check_inputs(q, k, v)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -691,7 +727,7 @@ def group_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor | M
 
     if needs_autograd(q, k, v) or torch.compiler.is_compiling():
         key_tiles = None if torch.compiler.is_compiling() else _key_tiles_for(plan, q)
-        return group_causal_attention_op(q, k, v, *plan.args(key_tiles), scale, plan.sorted_tokens)[0]
+        return group_causal_attention_op(q, k, v, *plan.args(key_tiles), scale, plan.sorted_tokens, deterministic)[0]
     backend = backends.resolve(OP, q.device, SUPPORTED)  # inference: no autograd bookkeeping
     return FORWARD[backend](q, k, v, *plan.args(), scale, plan.sorted_tokens)[0]
 
