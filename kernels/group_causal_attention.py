@@ -446,9 +446,9 @@ def gca_fwd_tma_ws_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, k_visible_ptr,
     # - one key loop: a second loop in the function, specialised or not, aborts it (MLIR Dominance
     #   assertion), so full and partial tiles share one loop and every tile is masked;
     # - per-row data (k_visible) arrives by TMA inside the loop: a row vector loaded by tl.load
-    #   before the loop and used in it fails ("unsupported load type for producer commit": the
-    #   producer can hand consumers only TMA-loaded buffers), and a branch on the tile kind makes
-    #   the pass leave the loop unspecialised;
+    #   before the loop and used in it fails (3.9 "unsupported load type for producer commit", 3.6
+    #   the same check as an assertion; a row vector computed before the loop is accepted), and a
+    #   branch masking only the partial tiles makes the pass leave the loop unspecialised;
     # - num_warps 4 and BLOCK_M 128 (2 x 64 rows): at 8 warps the pass does nothing, and at
     #   BLOCK_M 64 both consumer groups compute the same 64 rows.
     # k_visible's rows must be 16-byte aligned for TMA (the launcher's _tma_rows).

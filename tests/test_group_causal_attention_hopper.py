@@ -10,6 +10,7 @@
   tokens, 16-bit), the plan knowing its orders are the identity without a device read, and the
   sm_90 SASS holding UTMALDG (TMA) and HGMMA without spills in triton 3.9 and 3.6.
 """
+import re
 import types
 
 import pytest
@@ -228,6 +229,32 @@ def test_warp_specialised_tma_forward_sass_is_specialised(compat):
     assert triton_aot.problems(results) == []
     for r in results:
         assert r.setmaxnreg > 0 and r.tma > 0 and r.hgmma > 0 and r.local_bytes == 0, r
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+@pytest.mark.parametrize("compat", [False, True], ids=["triton-3.9", "triton-compat"])
+def test_warp_specialize_limits_that_shape_the_ws_kernel_still_hold(compat):
+    """What gca_fwd_tma_ws_kernel's loop works around (nova_fast.testing.ws_probe), per triton: a
+    second key loop aborts the sm_90 pass (Dominance assertion), a row vector tl.load-ed before the
+    loop and used in it fails it (producer commit of a non-TMA load), 8 warps leave the loop
+    unspecialised and BLOCK_M 64 gives two consumer groups the same rows. When this fails, a triton
+    lifted a limit: the kernel may go back to gca_fwd_tma_kernel's two loops or take other tiles."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nova_fast.testing import triton_aot, ws_probe
+
+    path = triton_aot.compat_triton_path() if compat else None
+    if compat and path is None:
+        pytest.skip(f"triton {triton_aot.COMPAT_TRITON} is not installed beside the venv (.ci/env.sh)")
+    probes = [ws_probe.Probe(("TWO_LOOPS",)), ws_probe.Probe(("PARTIAL",)),
+              ws_probe.Probe(ws_probe.WS_KERNEL_FORM, num_warps=8), ws_probe.Probe(ws_probe.WS_KERNEL_FORM, block_m=64)]
+    with ThreadPoolExecutor(2) as pool:
+        two_loops, row_load, eight_warps, rows64 = pool.map(lambda p: ws_probe.run_probe(p, path), probes)
+    assert not two_loops.compiled and "Dominance" in two_loops.error, two_loops
+    assert not row_load.compiled and re.search(r"producer commit|ProducerCommit", row_load.error), row_load
+    assert eight_warps.compiled and not eight_warps.specialised, eight_warps
+    assert rows64.duplicated, rows64
 
 
 # ---------------------------------------------------------------- runtime autotuning (GPU, opt-in)
