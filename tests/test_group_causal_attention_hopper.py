@@ -180,6 +180,23 @@ def test_tma_forward_parity_in_the_interpreter(dtype, path, triton_device, poiso
                 f"triton {path} ")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_GPU and torch.cuda.get_device_capability() == (9, 0)), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_warp_specialised_forward_parity_on_sm90(dtype, monkeypatch, poisoned_empty):
+    """The warp-specialised kernel as compiled for the GPU (opted in, the table's tiles: the
+    interpreter test above runs its math, not the specialisation; at 16 x 16 tiles the pass leaves
+    the loop plain) on frame groups with a prefix (full, partial and skipped 128 x 64 tiles) and a
+    KV cache."""
+    monkeypatch.setenv(kernels.WARP_SPECIALIZE_ENV, "1")
+    cfg = kernels.config("fwd_tma", 64, dtype, torch.device("cuda"))
+    assert kernels.warp_specialize_unfit(cfg) is None, cfg
+    for qg, kg, B, H, Nq, Nk in [(frame_groups(4, 70, 9), None, 2, 3, 289, 289),
+                                 (frame_groups(1, 100), frame_groups(3, 100, 7), 1, 2, 100, 307)]:
+        run_case("triton", qg, kg, B, H, Nq, Nk, 64, dtype, torch.device("cuda"), seed=5)
+        assert kernels.last_forward_path == "tma_ws"
+
+
 @pytest.mark.triton
 def test_sorted_groups_report_their_forward_path(triton_device):
     q, k, v = (torch.randn(1, 1, 20, 64).to(triton_device) for _ in range(3))
