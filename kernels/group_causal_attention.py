@@ -43,6 +43,8 @@ project's fp32 tolerance) on their own smaller tiles: the 16-bit tiles spill in 
 dq kernel's would need more shared memory than an A100 has.
 """
 import contextlib
+import dataclasses
+import os
 
 import torch
 import triton
@@ -208,6 +210,15 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, keys, kvis, scale_log2,
 
 
 @triton.jit
+def _fwd_finish(acc, m_i, l_i):
+    # (output, natural-log lse) per row from the online-softmax state; a row that saw no key: 0, +inf
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    return out, lse
+
+
+@triton.jit
 def gca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_order_ptr, k_order_ptr, k_visible_ptr,
                    scale_log2, Nq, Nk, H, BH, n_qtiles,
                    q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn,
@@ -242,9 +253,7 @@ def gca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_order_ptr, k_order_ptr
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_bh, v_bh, ko_b, start_n + tl.arange(0, BLOCK_N), kvis, Nk,
                                   k_sn, v_sn, cols, scale_log2, True, PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    out, lse = _fwd_finish(acc, m_i, l_i)
     tl.store(_rows(o_ptr + b * o_sb + h * o_sh, tok, o_sn, cols), out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(lse_ptr + bh * Nq + tok, lse, mask=row_ok)
@@ -442,6 +451,21 @@ def _fwd_tma_tile(acc, m_i, l_i, q, k_desc, v_desc, start_n, kvis, scale_log2,
 
 
 @triton.jit
+def _tma_descriptors(q_ptr, k_ptr, v_ptr, o_ptr, b, h, Nq, Nk, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn,
+                     o_sb, o_sh, o_sn, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the (b, h) slices of q, k, v and the output as device-built tensor descriptors
+    q_desc = tl.make_tensor_descriptor(q_ptr + b * q_sb + h * q_sh, shape=[Nq, HEAD_DIM], strides=[q_sn, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(k_ptr + b * k_sb + h * k_sh, shape=[Nk, HEAD_DIM], strides=[k_sn, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(v_ptr + b * v_sb + h * v_sh, shape=[Nk, HEAD_DIM], strides=[v_sn, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    o_desc = tl.make_tensor_descriptor(o_ptr + b * o_sb + h * o_sh, shape=[Nq, HEAD_DIM], strides=[o_sn, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
+    return q_desc, k_desc, v_desc, o_desc
+
+
+@triton.jit
 def gca_fwd_tma_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, k_visible_ptr,
                        scale_log2, Nq, Nk, H, BH, n_qtiles,
                        q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn, qp_sb,
@@ -451,21 +475,15 @@ def gca_fwd_tma_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, k_visible_ptr,
     # groups): q, k, v tiles come by TMA through per-(b, h) tensor descriptors built on the device,
     # the output leaves by TMA (rows past Nq are clipped, rows past Nk load as zeros). Same plan
     # (k_visible), grid, softmax and lse as gca_fwd_kernel. The launcher runs it on sm_90 for 16-bit
-    # inputs; fp32 (PRECISION "ieee") exists for the interpreter's parity tests. No
-    # tl.range(warp_specialize=True): triton 3.6 and 3.9 fail on this kernel with it at 4 warps
-    # (NVGPUWarpSpecialization pass) and leave the loop unspecialised at 8.
+    # inputs; fp32 (PRECISION "ieee") exists for the interpreter's parity tests. Its warp-specialised
+    # form is gca_fwd_tma_ws_kernel (why it is a separate loop structure: see there).
     tile, b, h, bh = _program(BH, H, n_qtiles, True)
     start_m = tile * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < Nq
-    q_desc = tl.make_tensor_descriptor(q_ptr + b * q_sb + h * q_sh, shape=[Nq, HEAD_DIM], strides=[q_sn, 1],
-                                       block_shape=[BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(k_ptr + b * k_sb + h * k_sh, shape=[Nk, HEAD_DIM], strides=[k_sn, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(v_ptr + b * v_sb + h * v_sh, shape=[Nk, HEAD_DIM], strides=[v_sn, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
-    o_desc = tl.make_tensor_descriptor(o_ptr + b * o_sb + h * o_sh, shape=[Nq, HEAD_DIM], strides=[o_sn, 1],
-                                       block_shape=[BLOCK_M, HEAD_DIM])
+    q_desc, k_desc, v_desc, o_desc = _tma_descriptors(q_ptr, k_ptr, v_ptr, o_ptr, b, h, Nq, Nk, q_sb, q_sh, q_sn,
+                                                      k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn,
+                                                      HEAD_DIM, BLOCK_M, BLOCK_N)
     kvis_b = k_visible_ptr + b * qp_sb
     q = q_desc.load([start_m, 0])
     kvis = tl.load(kvis_b + rows, mask=row_ok, other=0)
@@ -482,11 +500,52 @@ def gca_fwd_tma_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, k_visible_ptr,
         acc, m_i, l_i = _fwd_tma_tile(acc, m_i, l_i, q, k_desc, v_desc, start_n, kvis, scale_log2, True, BLOCK_N,
                                       PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    out, lse = _fwd_finish(acc, m_i, l_i)
     o_desc.store([start_m, 0], out.to(o_ptr.dtype.element_ty))
     tl.store(lse_ptr + bh * Nq + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def gca_fwd_tma_ws_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, k_visible_ptr,
+                          scale_log2, Nq, Nk, H, BH, n_qtiles,
+                          q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn, qp_sb,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    # gca_fwd_tma_kernel with its key loop warp-specialised (tl.range(warp_specialize=True)): on
+    # sm_90 triton's NVGPUWarpSpecialization pass gives the TMA loads to a producer warp group and
+    # splits the BLOCK_M rows between two 64-row consumer warp groups (wgmma + softmax), with
+    # setmaxnreg moving registers from the producer to the consumers. That pass (triton 3.6 and
+    # 3.9; nova_fast.testing.ws_probe shows each case) accepts only this loop structure:
+    # - one key loop: a second loop in the function, specialised or not, aborts it (MLIR Dominance
+    #   assertion), so full and partial tiles share one loop and every tile is masked;
+    # - per-row data (k_visible) arrives by TMA inside the loop: a row vector loaded by tl.load
+    #   before the loop and used in it fails (3.9 "unsupported load type for producer commit", 3.6
+    #   the same check as an assertion; a row vector computed before the loop is accepted), and a
+    #   branch masking only the partial tiles makes the pass leave the loop unspecialised;
+    # - num_warps 4 and BLOCK_M 128 (2 x 64 rows): at 8 warps the pass does nothing, and at
+    #   BLOCK_M 64 both consumer groups compute the same 64 rows.
+    # k_visible's rows must be 16-byte aligned for TMA (the launcher's _tma_rows).
+    tile, b, h, bh = _program(BH, H, n_qtiles, True)
+    start_m = tile * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q_desc, k_desc, v_desc, o_desc = _tma_descriptors(q_ptr, k_ptr, v_ptr, o_ptr, b, h, Nq, Nk, q_sb, q_sh, q_sn,
+                                                      k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn,
+                                                      HEAD_DIM, BLOCK_M, BLOCK_N)
+    kvis_b = k_visible_ptr + b * qp_sb
+    kvis_desc = tl.make_tensor_descriptor(kvis_b, shape=[Nq], strides=[1], block_shape=[BLOCK_M])
+    q = q_desc.load([start_m, 0])
+    n_end = tl.cdiv(tl.load(kvis_b + tl.minimum(start_m + BLOCK_M - 1, Nq - 1)), BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in tl.range(0, n_end * BLOCK_N, BLOCK_N, warp_specialize=True):
+        acc, m_i, l_i = _fwd_tma_tile(acc, m_i, l_i, q, k_desc, v_desc, start_n, kvis_desc.load([start_m]),
+                                      scale_log2, True, BLOCK_N, PRECISION)
+
+    out, lse = _fwd_finish(acc, m_i, l_i)
+    o_desc.store([start_m, 0], out.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + bh * Nq + rows, lse, mask=rows < Nq)
 
 
 # ---------------------------------------------------------------- tile plans (device tensors, no sync)
@@ -564,8 +623,6 @@ def runtime_configs(kind: str, head_dim: int, dtype: torch.dtype, device=None) -
 def autotuning(device) -> bool:
     """Whether launches on ``device`` go through triton.autotune: CUDA only (never the CPU or the
     interpreter), opted in by NOVA_FAST_GCA_AUTOTUNE=1, no test tiles forced."""
-    import os
-
     return (torch.device(device).type == "cuda" and os.environ.get(AUTOTUNE_ENV) == "1"
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and _block_override is None)
 
@@ -589,9 +646,13 @@ def _launchable(kernel, kind: str, cfg: dict, q: torch.Tensor, reset_to_zero: li
     return _autotuned[key], {}
 
 
-# the forward kernels: "gather" (gca_fwd_kernel, any token order) and "tma" (gca_fwd_tma_kernel,
-# groups in token order, sm_90 16-bit); the path the last forward() call took
-FORWARD_PATHS = ("gather", "tma")
+# the forward kernels: "gather" (gca_fwd_kernel, any token order), "tma" (gca_fwd_tma_kernel,
+# groups in token order, sm_90 16-bit) and "tma_ws" (gca_fwd_tma_ws_kernel, the same warp-specialised,
+# opted in by WARP_SPECIALIZE_ENV); the path the last forward() call took
+FORWARD_PATHS = ("gather", "tma", "tma_ws")
+# opt-in: the warp-specialised TMA forward compiles and specialises for sm_90 (SASS checked under
+# triton 3.6 and 3.9) but has not run on a GPU yet, so the plain TMA forward stays the default
+WARP_SPECIALIZE_ENV = "NOVA_FAST_GCA_WARP_SPECIALIZE"
 last_forward_path: str | None = None
 _path_override: str | None = None
 
@@ -627,7 +688,8 @@ def tma_device(device) -> tuple[bool, str]:
 
 def forward_path(q: torch.Tensor, sorted_tokens: bool) -> tuple[str, str]:
     """(path, why) the forward takes for q: "tma" on sm_90 for fp16/bf16 when both token orders are
-    the identity (the plan's ``sorted_tokens``), "gather" otherwise."""
+    the identity (the plan's ``sorted_tokens``; "tma_ws", its warp-specialised variant, when opted in
+    and the table's configuration fits it), "gather" otherwise."""
     if _path_override is not None:
         return _path_override, "forced by forward_path_override"
     if not sorted_tokens:
@@ -637,7 +699,34 @@ def forward_path(q: torch.Tensor, sorted_tokens: bool) -> tuple[str, str]:
         return "gather", why
     if q.dtype not in (torch.float16, torch.bfloat16):
         return "gather", "TMA forward is for fp16/bf16 only"
-    return "tma", "sm_90, groups in token order: TMA loads and stores"
+    why = "sm_90, groups in token order: TMA loads and stores"
+    if os.environ.get(WARP_SPECIALIZE_ENV) != "1":
+        return "tma", why
+    unfit = warp_specialize_unfit(config("fwd_tma", q.shape[-1], q.dtype, q.device))
+    if unfit:
+        return "tma", f"{why}; not warp-specialised: {unfit}"
+    return "tma_ws", f"{why}, warp-specialised ({WARP_SPECIALIZE_ENV}=1)"
+
+
+def warp_specialize_unfit(cfg: dict) -> str | None:
+    """Why the warp-specialised TMA forward cannot run configuration ``cfg``, or None if it can:
+    triton's sm_90 pass specialises only at 4 warps and splits BLOCK_M into two 64-row consumers."""
+    if cfg["num_warps"] != 4:
+        return f"needs num_warps 4, the table's configuration has {cfg['num_warps']}"
+    if cfg["BLOCK_M"] != 128:
+        return f"needs BLOCK_M 128, the table's configuration has {cfg['BLOCK_M']}"
+    return None
+
+
+def _tma_rows(plan: torch.Tensor) -> torch.Tensor:
+    """A (G, n) int32 plan tensor whose rows start 16-byte aligned (TMA's rule for the descriptor
+    base): ``plan`` itself, or a copy with its row stride rounded up to 4 elements."""
+    G, n = plan.shape
+    if plan.data_ptr() % 16 == 0 and plan.stride(1) == 1 and (G == 1 or plan.stride(0) % 4 == 0):
+        return plan
+    padded = torch.empty((G, triton.cdiv(n, 4) * 4), dtype=plan.dtype, device=plan.device)
+    padded[:, :n] = plan
+    return padded[:, :n]
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -666,15 +755,20 @@ def forward(q, k, v, q_order, k_order, k_visible, scale, sorted_tokens: bool = F
     Nk = k.shape[2]
     path, _ = forward_path(q, sorted_tokens)
     # the table tunes the TMA forward for 16-bit inputs; fp32 through it (forced, tests) takes the fp32 tiles
-    tma_tiles = path == "tma" and precision(q.dtype) != "ieee"
+    tma_tiles = path in ("tma", "tma_ws") and precision(q.dtype) != "ieee"
     cfg = config("fwd_tma" if tma_tiles else "fwd", D, q.dtype, q.device)
     out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     n_qtiles = triton.cdiv(Nq, cfg["BLOCK_M"])
-    if path == "tma":
+    if path in ("tma", "tma_ws"):
         if q.device.type == "cuda":
             _ensure_descriptor_allocator()
-        kernel, opts = _launchable(gca_fwd_tma_kernel, "fwd_tma", cfg, q)
+        if path == "tma_ws":
+            # not autotuned: the table's other warp counts would not be specialised
+            kernel, opts = gca_fwd_tma_ws_kernel, _launch_opts(cfg)
+            k_visible = _tma_rows(k_visible)  # loaded by TMA in this kernel
+        else:
+            kernel, opts = _launchable(gca_fwd_tma_kernel, "fwd_tma", cfg, q)
         kernel[grid(n_qtiles, B * H)](
             q, k, v, out, lse, k_visible, scale * LOG2E, Nq, Nk, H, B * H, n_qtiles,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), _plan_stride(k_visible),
@@ -857,3 +951,7 @@ def _specs():
 AOT_SPECS = _specs()
 # the TMA forward's specs alone (tests compile them with triton 3.9 and the GPU machine's triton)
 TMA_AOT_SPECS = [s for s in AOT_SPECS if s.kernel == "gca_fwd_tma_kernel"]
+# the warp-specialised TMA forward at the table's TMA configurations it can run (warp_specialize_unfit)
+WS_AOT_SPECS = [dataclasses.replace(s, kernel="gca_fwd_tma_ws_kernel", label=s.label.replace("fwd_tma", "fwd_tma_ws"))
+                for s in TMA_AOT_SPECS
+                if warp_specialize_unfit({"num_warps": s.num_warps, "BLOCK_M": s.constexprs["BLOCK_M"]}) is None]

@@ -10,6 +10,7 @@
   tokens, 16-bit), the plan knowing its orders are the identity without a device read, and the
   sm_90 SASS holding UTMALDG (TMA) and HGMMA without spills in triton 3.9 and 3.6.
 """
+import re
 import types
 
 import pytest
@@ -100,9 +101,9 @@ def test_table_entry_regenerates_identically():
 
 
 # ---------------------------------------------------------------- the TMA forward
-def _stub_q(capability, dtype, monkeypatch):
+def _stub_q(capability, dtype, monkeypatch, head_dim=64):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+    return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(1, 1, 8, head_dim))
 
 
 def test_tma_path_only_on_sm90_sorted_16bit(monkeypatch):
@@ -114,6 +115,32 @@ def test_tma_path_only_on_sm90_sorted_16bit(monkeypatch):
     assert kernels.forward_path(_stub_q((8, 0), torch.bfloat16, monkeypatch), True)[0] == "gather"
     assert kernels.forward_path(_stub_q((10, 0), torch.bfloat16, monkeypatch), True)[0] == "gather"
     assert kernels.forward_path(torch.zeros(1, dtype=torch.float16), True)[0] == "gather"  # CPU
+
+
+def test_warp_specialised_tma_path_is_opt_in_and_needs_4_warps_and_128_rows(monkeypatch):
+    monkeypatch.delenv(kernels.WARP_SPECIALIZE_ENV, raising=False)
+    for d in (64, 128):
+        assert kernels.forward_path(_stub_q((9, 0), torch.bfloat16, monkeypatch, d), True)[0] == "tma"
+    monkeypatch.setenv(kernels.WARP_SPECIALIZE_ENV, "1")
+    assert kernels.forward_path(_stub_q((9, 0), torch.bfloat16, monkeypatch), False)[0] == "gather"
+    assert kernels.forward_path(_stub_q((8, 0), torch.bfloat16, monkeypatch), True)[0] == "gather"
+    for d in (64, 128):
+        cfg = table.CONFIGS[(90, "16bit", d, "fwd_tma")][0]
+        path, why = kernels.forward_path(_stub_q((9, 0), torch.float16, monkeypatch, d), True)
+        fits = cfg["num_warps"] == 4 and cfg["BLOCK_M"] == 128
+        assert path == ("tma_ws" if fits else "tma"), (d, cfg, why)
+        assert fits or "not warp-specialised: needs" in why
+    assert kernels.warp_specialize_unfit({"num_warps": 4, "BLOCK_M": 128}) is None
+    assert "num_warps 4" in kernels.warp_specialize_unfit({"num_warps": 8, "BLOCK_M": 128})
+    assert "BLOCK_M 128" in kernels.warp_specialize_unfit({"num_warps": 4, "BLOCK_M": 64})
+
+
+def test_tma_rows_pads_plan_rows_to_16_bytes():
+    plan = torch.arange(14, dtype=torch.int32).reshape(2, 7)
+    rows = kernels._tma_rows(plan)
+    assert rows.stride() == (8, 1) and rows.data_ptr() % 16 == 0 and torch.equal(rows, plan)
+    for fine in (torch.arange(16, dtype=torch.int32).reshape(2, 8), torch.arange(7, dtype=torch.int32)[None]):
+        assert kernels._tma_rows(fine) is fine
 
 
 def test_plan_knows_sorted_tokens_without_reading_device_groups():
@@ -181,20 +208,42 @@ def test_accelerated_training_hands_tagged_frame_ids_where_tma_runs(monkeypatch)
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("path", ["tma", "tma_ws"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_tma_forward_parity_in_the_interpreter(dtype, triton_device, poisoned_empty):
-    """The TMA kernel (forced: the interpreter is no sm_90) against the reference, on frame groups
-    with a prefix (full, partial and skipped 16 x 16 tiles, a ragged last tile) and a KV cache
-    (Nk != Nq); the gradients come from the gather kernels' backward."""
+def test_tma_forward_parity_in_the_interpreter(dtype, path, triton_device, poisoned_empty):
+    """The TMA kernels (forced: the interpreter is no sm_90; it runs the warp-specialised kernel's
+    single masked loop, not the specialisation) against the reference, on frame groups with a
+    prefix (full, partial and skipped 16 x 16 tiles, a ragged last tile), a KV cache (Nk != Nq)
+    and a per-batch plan whose rows are not 16-byte aligned (Nq = 7: the TMA load of k_visible
+    needs _tma_rows' copy); the gradients come from the gather kernels' backward."""
     if HAS_GPU and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the TMA forward needs sm_90 on a GPU")
     cases = [(frame_groups(3, 9, 4), None, 1, 2, 31, 31),
-             (frame_groups(1, 12), frame_groups(3, 12, 5), 2, 1, 12, 41)]
-    with kernels.forward_path_override("tma"), kernels.blocks(16, 16):
+             (frame_groups(1, 12), frame_groups(3, 12, 5), 2, 1, 12, 41),
+             (torch.stack([frame_groups(1, 7), frame_groups(7, 1)]), None, 2, 1, 7, 7)]
+    with kernels.forward_path_override(path), kernels.blocks(16, 16):
         for qg, kg, B, H, Nq, Nk in cases:
             run_case("triton", qg, kg, B, H, Nq, Nk, 64, dtype, triton_device, seed=3)
-            assert kernels.last_forward_path == "tma"
-            assert nova_fast.backend_info()["last_used"]["group_causal_attention"]["path"].startswith("triton tma")
+            assert kernels.last_forward_path == path
+            assert nova_fast.backend_info()["last_used"]["group_causal_attention"]["path"].startswith(
+                f"triton {path} ")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_GPU and torch.cuda.get_device_capability() == (9, 0)), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_warp_specialised_forward_parity_on_sm90(dtype, monkeypatch, poisoned_empty):
+    """The warp-specialised kernel as compiled for the GPU (opted in, the table's tiles: the
+    interpreter test above runs its math, not the specialisation; at 16 x 16 tiles the pass leaves
+    the loop plain) on frame groups with a prefix (full, partial and skipped 128 x 64 tiles) and a
+    KV cache."""
+    monkeypatch.setenv(kernels.WARP_SPECIALIZE_ENV, "1")
+    cfg = kernels.config("fwd_tma", 64, dtype, torch.device("cuda"))
+    assert kernels.warp_specialize_unfit(cfg) is None, cfg
+    for qg, kg, B, H, Nq, Nk in [(frame_groups(4, 70, 9), None, 2, 3, 289, 289),
+                                 (frame_groups(1, 100), frame_groups(3, 100, 7), 1, 2, 100, 307)]:
+        run_case("triton", qg, kg, B, H, Nq, Nk, 64, dtype, torch.device("cuda"), seed=5)
+        assert kernels.last_forward_path == "tma_ws"
 
 
 @pytest.mark.triton
@@ -224,7 +273,54 @@ def test_tma_forward_sass_has_tma_and_hgmma_without_spills(compat):
         [("bf16", "d128"), ("bf16", "d64"), ("fp16", "d128"), ("fp16", "d64")]
     assert triton_aot.problems(results) == []
     for r in results:
-        assert r.tma > 0 and r.hgmma > 0 and r.local_bytes == 0, r
+        assert r.tma > 0 and r.hgmma > 0 and r.local_bytes == 0 and r.setmaxnreg == 0, r
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+@pytest.mark.parametrize("compat", [False, True], ids=["triton-3.9", "triton-compat"])
+def test_warp_specialised_tma_forward_sass_is_specialised(compat):
+    """The warp-specialised TMA forward at the table's configurations it runs (bf16 and fp16), sm_90,
+    this triton and the GPU machine's: USETMAXREG (setmaxnreg: producer and consumer warp groups
+    trade registers; the plain TMA kernel has none) with UTMALDG (TMA) and HGMMA, no spills."""
+    from nova_fast.testing import triton_aot
+
+    path = triton_aot.compat_triton_path() if compat else None
+    if compat and path is None:
+        pytest.skip(f"triton {triton_aot.COMPAT_TRITON} is not installed beside the venv (.ci/env.sh)")
+    assert kernels.WS_AOT_SPECS, "no table TMA configuration fits the warp-specialised kernel (4 warps, BLOCK_M 128)"
+    results = triton_aot.compile_in_subprocess("nova_fast.kernels.group_causal_attention", targets=(90,),
+                                               triton_path=path, specs_attr="WS_AOT_SPECS")
+    assert len(results) == len(kernels.WS_AOT_SPECS)
+    assert triton_aot.problems(results) == []
+    for r in results:
+        assert r.setmaxnreg > 0 and r.tma > 0 and r.hgmma > 0 and r.local_bytes == 0, r
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+@pytest.mark.parametrize("compat", [False, True], ids=["triton-3.9", "triton-compat"])
+def test_warp_specialize_limits_that_shape_the_ws_kernel_still_hold(compat):
+    """What gca_fwd_tma_ws_kernel's loop works around (nova_fast.testing.ws_probe), per triton: a
+    second key loop aborts the sm_90 pass (Dominance assertion), a row vector tl.load-ed before the
+    loop and used in it fails it (producer commit of a non-TMA load), 8 warps leave the loop
+    unspecialised and BLOCK_M 64 gives two consumer groups the same rows. When this fails, a triton
+    lifted a limit: the kernel may go back to gca_fwd_tma_kernel's two loops or take other tiles."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nova_fast.testing import triton_aot, ws_probe
+
+    path = triton_aot.compat_triton_path() if compat else None
+    if compat and path is None:
+        pytest.skip(f"triton {triton_aot.COMPAT_TRITON} is not installed beside the venv (.ci/env.sh)")
+    probes = [ws_probe.Probe(("TWO_LOOPS",)), ws_probe.Probe(("PARTIAL",)),
+              ws_probe.Probe(ws_probe.WS_KERNEL_FORM, num_warps=8), ws_probe.Probe(ws_probe.WS_KERNEL_FORM, block_m=64)]
+    with ThreadPoolExecutor(2) as pool:
+        two_loops, row_load, eight_warps, rows64 = pool.map(lambda p: ws_probe.run_probe(p, path), probes)
+    assert not two_loops.compiled and "Dominance" in two_loops.error, two_loops
+    assert not row_load.compiled and re.search(r"producer commit|ProducerCommit", row_load.error), row_load
+    assert eight_warps.compiled and not eight_warps.specialised, eight_warps
+    assert rows64.duplicated, rows64
 
 
 # ---------------------------------------------------------------- runtime autotuning (GPU, opt-in)
