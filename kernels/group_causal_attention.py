@@ -57,8 +57,9 @@ MAX_GRID_X = 2**31 - 1
 
 # Block sizes, warps and stages per (arch, dtype class, head dim, kernel) come from the generated
 # table kernels/group_causal_attention_configs.py (nova_fast/testing/gca_tune.py: a small candidate
-# space compiled ahead of time for sm_80 and sm_90, pruned of spills, shared-memory overflow and
-# lost occupancy, ranked). The launcher takes the first entry for the device's architecture.
+# space compiled ahead of time for sm_80 and sm_90 with the venv's triton and triton 3.6, pruned of
+# spills, shared-memory overflow and lost occupancy under both, ranked). The launcher takes the
+# first entry for the device's architecture.
 TABLE_ARCHS = (80, 90)
 # one block's shared memory on the sm_8x parts other than sm_80 (sm_86, sm_89): 99 KiB
 SMALL_SHARED_PER_BLOCK = 99 * 1024

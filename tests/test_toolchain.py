@@ -153,11 +153,6 @@ COMPAT_SPILLS_ALLOWED = {
     # the unaligned (worst-case) compile of the gated residual kernels spills under either triton;
     # test_modulate checks that the aligned compile NOVA's tensors get is spill-free
     ("nova_fast.kernels.adaln", "residual_norm_"): None,
-    # two sm_80 picks of the attention tile table (kernels/group_causal_attention_configs.py) were
-    # pruned with triton 3.9 only; under 3.6 they spill 16 B per thread. Bounded here at 16 B until the
-    # table is regenerated with pruning under both tritons (sm_90, the lent GPU's, has no such spill)
-    ("nova_fast.kernels.group_causal_attention", "fwd bf16 d64 128x64 w4 s2 (sm_80 pick)@80"): 16,
-    ("nova_fast.kernels.group_causal_attention", "dq fp32 d128 32x32 w8 s2 (sm_80 pick)@80"): 16,
     # the atomic-dq backward at the dk/dv picks: its dq product on top of dk, dv, k and v; under 3.6
     # sm_90 fp32 d64 and d128 spill 16 B (figures for both tritons and why: DQ_ATOMIC_NUM_WARPS)
     ("nova_fast.kernels.group_causal_attention", "dkdv_dq_atomic "): _gca_kernels.DQ_ATOMIC_SPILL_BOUND,

@@ -1,12 +1,16 @@
 """Generate the group-causal attention kernels' per-architecture tile table, pruned by AOT occupancy.
 
 For every (architecture, dtype class, head dim, kernel) a small candidate space of block sizes,
-warps and stages (``CANDIDATES``) is compiled ahead of time with triton for sm_80 and sm_90 (no GPU
-needed). A candidate is discarded if it does not compile, spills (local memory), needs more shared
-memory than one block may use on that architecture, or fits fewer CTAs per SM than the best
-candidate with the same tile (e.g. a third pipeline stage that halves the resident CTAs). The
-survivors are ranked by tile elements resident per SM (CTAs/SM x BLOCK_M x BLOCK_N), then more
-stages, then fewer warps; the launcher takes the first (and a GPU autotuner may try the others).
+warps and stages (:func:`candidates`) is compiled ahead of time for sm_80 and sm_90 (no GPU needed)
+with two tritons: the venv's and COMPAT_TRITON (3.6, the lent GPU machine's, installed beside the
+venv by .ci/env.sh), each in its own interpreter-off process, the two at once. A candidate is
+discarded if under either triton it does not compile, spills (local memory) or needs more shared
+memory than one block may use on that architecture; its registers and shared memory are the larger
+of the two tritons' (kept per triton in ``per_triton``). It is also discarded if it fits fewer CTAs
+per SM than the best candidate with the same tile (e.g. a third pipeline stage that halves the
+resident CTAs). The survivors are ranked by tile elements resident per SM (CTAs/SM x BLOCK_M x
+BLOCK_N), then more stages, then fewer warps; the launcher takes the first (and a GPU autotuner may
+try the others). Without triton COMPAT_TRITON the table is not built (no single-triton table).
 
 The dtype class "16bit" is compiled as bf16 and serves fp16 too (same tile shapes, same register and
 shared-memory use); "fp32" is the exact-fp32 (ieee) kernels. ``fwd_tma`` (the Hopper TMA forward) is
@@ -19,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pprint
-import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nova_fast.testing.aot_report import ARCH_LIMITS, ctas_per_sm as aot_ctas_per_sm
+from nova_fast.testing.triton_aot import COMPAT_TRITON, compat_triton_path, run_interpreter_off
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLE_PATH = REPO_ROOT / "kernels" / "group_causal_attention_configs.py"
@@ -64,7 +68,8 @@ def ctas_per_sm(arch: int, registers: int, shared: int, num_warps: int) -> int:
 
 
 def _compile_entry(key) -> list[dict]:
-    """Compile every candidate of one entry (interpreter off): each with its resources or why it failed."""
+    """Compile every candidate of one entry with this process's triton (interpreter off): each with its
+    resources or why it failed."""
     from nova_fast.kernels import group_causal_attention as kernels
     from nova_fast.testing.triton_aot import AotSpec, compile_spec
 
@@ -85,6 +90,45 @@ def _compile_entry(key) -> list[dict]:
     return out
 
 
+def compile_entries(entry_keys) -> dict:
+    """{"triton": this process's triton version, "entries": [[key, candidates compiled]]}, compiled in
+    this (interpreter-off) process."""
+    import triton
+
+    return {"triton": triton.__version__, "entries": [[list(k), _compile_entry(k)] for k in entry_keys]}
+
+
+def compile_entries_in_subprocess(entry_keys, triton_path=None, timeout: float = 3600) -> dict:
+    """:func:`compile_entries` in a fresh interpreter-off process, with the venv's triton or the one
+    in ``triton_path`` (triton_aot's subprocess mechanism)."""
+    out = run_interpreter_off("nova_fast.testing.gca_tune",
+                              ["--compiled-json", "--keys", json.dumps([list(k) for k in entry_keys])],
+                              timeout, triton_path=triton_path)
+    return json.loads(out)
+
+
+def merge(per_triton: dict) -> list[dict]:
+    """One entry's candidates compiled by several tritons ({version: [candidate results]}, the same
+    candidates in the same order) as one list: an error under any triton is an error; local bytes,
+    registers and shared bytes are the largest of the tritons', with each triton's (registers, shared
+    bytes) kept under ``per_triton``."""
+    versions = list(per_triton)
+    merged = []
+    for rows in zip(*(per_triton[v] for v in versions)):
+        cfg = {k: rows[0][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+        if any({k: r[k] for k in cfg} != cfg for r in rows):
+            raise ValueError(f"per_triton: the tritons' candidate lists differ at {rows}")
+        errors = [f"triton {v}: {r['error']}" for v, r in zip(versions, rows) if r.get("error")]
+        if errors:
+            merged.append(dict(cfg, error="; ".join(errors)))
+            continue
+        merged.append(dict(cfg, registers=max(r["registers"] for r in rows),
+                           local_bytes=max(r["local_bytes"] for r in rows),
+                           shared_bytes=max(r["shared_bytes"] for r in rows),
+                           per_triton={v: (r["registers"], r["shared_bytes"]) for v, r in zip(versions, rows)}))
+    return merged
+
+
 def prune(arch: int, compiled: list[dict]) -> list[dict]:
     """Drop candidates that fail, spill or overflow shared memory, then those fitting fewer CTAs/SM
     than the best with the same tile; rank the rest (best first)."""
@@ -103,32 +147,33 @@ def prune(arch: int, compiled: list[dict]) -> list[dict]:
     return kept
 
 
-def build(entry_keys) -> dict:
-    """{key: ranked pruned configs} for ``entry_keys``, compiled in this (interpreter-off) process."""
-    return {key: prune(key[0], _compile_entry(key)) for key in entry_keys}
+def build(entry_keys) -> tuple[dict, tuple[str, str]]:
+    """({key: ranked pruned configs}, (venv triton version, COMPAT_TRITON)) for ``entry_keys``: the
+    candidates compiled with both tritons at once, each in its own interpreter-off process (safe from
+    tests), merged (:func:`merge`) and pruned."""
+    path = compat_triton_path()
+    if path is None:
+        raise RuntimeError(f"triton {COMPAT_TRITON} (the lent GPU machine's) is not installed beside the venv: "
+                           "run .ci/env.sh; the table is pruned under both tritons, never one")
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda tp: compile_entries_in_subprocess(entry_keys, tp), (None, path)))
+    versions = tuple(run["triton"] for run in runs)
+    if versions[1] != COMPAT_TRITON or versions[0] == versions[1]:
+        raise RuntimeError(f"expected the venv's triton and triton {COMPAT_TRITON}, got {versions}")
+    by_key = [{tuple(k): rows for k, rows in run["entries"]} for run in runs]
+    table = {tuple(k): prune(k[0], merge({v: rows[tuple(k)] for v, rows in zip(versions, by_key)}))
+             for k in entry_keys}
+    return table, versions
 
 
-def build_in_subprocess(entry_keys, timeout: float = 900) -> dict:
-    """:func:`build` in a fresh process with the interpreter off (safe from tests)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "nova_fast.testing.gca_tune", "--json", "--keys",
-                           json.dumps([list(k) for k in entry_keys])],
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"gca_tune failed:\n{proc.stderr[-4000:]}")
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {tuple(k): v for k, v in rows}
-
-
-def render(table: dict) -> str:
-    import triton
-
+def render(table: dict, versions: tuple[str, str]) -> str:
     body = pprint.pformat(table, width=118, sort_dicts=False)
-    return (f'"""GENERATED by `{COMMAND}` (triton {triton.__version__}); do not edit by hand.\n\n'
-            "Per (arch, dtype class, head dim, kernel): the AOT-pruned configurations, best first (see\n"
-            'nova_fast/testing/gca_tune.py for the candidate space, the pruning and the ranking)."""\n'
-            f"TRITON_VERSION = {triton.__version__!r}\n"
+    return (f'"""GENERATED by `{COMMAND}` (triton {versions[0]} and {versions[1]}); do not edit by hand.\n\n'
+            "Per (arch, dtype class, head dim, kernel): the AOT-pruned configurations, best first, pruned and\n"
+            "ranked under both tritons (registers and shared bytes: the larger; per_triton: each one's\n"
+            "(registers, shared bytes)); see nova_fast/testing/gca_tune.py for the candidate space, the\n"
+            'pruning and the ranking."""\n'
+            f"TRITON_VERSIONS = {versions!r}\n"
             f"GENERATED_BY = {COMMAND!r}\n"
             f"CONFIGS = {body}\n")
 
@@ -136,18 +181,24 @@ def render(table: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--write", action="store_true", help=f"rewrite {TABLE_PATH.relative_to(REPO_ROOT)}")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--compiled-json", action="store_true",
+                   help="compile the candidates with this process's triton only and print them as JSON, unpruned")
     p.add_argument("--keys", help="JSON list of [arch, dtype class, head dim, kind] (default: all)")
     a = p.parse_args(argv)
     entry_keys = [tuple(k) for k in json.loads(a.keys)] if a.keys else keys()
-    table = build(entry_keys)
-    if a.json:
-        print(json.dumps([[list(k), v] for k, v in table.items()]))
-    elif a.write:
-        TABLE_PATH.write_text(render(table))
+    if a.compiled_json:
+        print(json.dumps(compile_entries(entry_keys)))
+        return 0
+    try:
+        table, versions = build(entry_keys)
+    except RuntimeError as exc:  # no compat triton, or a compile process that failed: nothing written
+        print(f"gca_tune: {exc}", file=sys.stderr)
+        return 1
+    if a.write:
+        TABLE_PATH.write_text(render(table, versions))
         print(f"wrote {TABLE_PATH} ({len(table)} entries)")
     else:
-        print(render(table))
+        print(render(table, versions))
     return 0
 
 

@@ -142,24 +142,33 @@ def compile_module(module_name: str, targets=TARGETS, one_dtype: bool = False,
     return results
 
 
-def compile_in_subprocess(module_name: str, targets=TARGETS, timeout: float = 900, *,
-                          triton_path: str | Path | None = None, one_dtype: bool = False,
-                          specs_attr: str = "AOT_SPECS") -> list[AotResult]:
-    """compile_module in a fresh process with the interpreter off (safe to call from tests);
-    ``triton_path``: a folder holding another triton, put first on PYTHONPATH (see COMPAT_TRITON)."""
+def run_interpreter_off(module: str, args: list[str], timeout: float = 900, *,
+                        triton_path: str | Path | None = None) -> str:
+    """``python -m module *args`` in a fresh process with the interpreter off (safe to call from tests);
+    ``triton_path``: a folder holding another triton, put first on PYTHONPATH (see COMPAT_TRITON).
+    Returns the last line of its stdout (the JSON the module's ``--json`` prints)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if triton_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(triton_path), *filter(None, [env.get("PYTHONPATH")])])
         # its own compile cache: kernels cached by one triton are not read back by the other
         env["TRITON_CACHE_DIR"] = str(Path(triton_path) / ".cache")
-    cmd = [sys.executable, "-m", "nova_fast.testing.triton_aot", module_name, "--json",
-           "--targets", ",".join(map(str, targets)), "--specs", specs_attr,
-           *(["--one-dtype"] if one_dtype else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"AOT compile of {module_name} failed:\n{proc.stderr[-4000:]}")
-    return [AotResult(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+        raise RuntimeError(f"{module} {' '.join(args)[:200]} failed:\n{proc.stderr[-4000:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def compile_in_subprocess(module_name: str, targets=TARGETS, timeout: float = 900, *,
+                          triton_path: str | Path | None = None, one_dtype: bool = False,
+                          specs_attr: str = "AOT_SPECS") -> list[AotResult]:
+    """compile_module in a fresh process with the interpreter off (safe to call from tests);
+    ``triton_path``: a folder holding another triton, put first on PYTHONPATH (see COMPAT_TRITON)."""
+    args = [module_name, "--json", "--targets", ",".join(map(str, targets)), "--specs", specs_attr,
+            *(["--one-dtype"] if one_dtype else [])]
+    out = run_interpreter_off("nova_fast.testing.triton_aot", args, timeout, triton_path=triton_path)
+    return [AotResult(**r) for r in json.loads(out)]
 
 
 def problems(results: list[AotResult]) -> list[str]:
