@@ -193,16 +193,16 @@ def kernel_resources() -> list[dict]:
     """Per Triton attention kernel and target (sm_80, sm_90): registers, local memory (spills),
     shared memory, CTAs per SM and tensor-core instructions (HMMA / HGMMA) in the SASS, from an AOT
     compile of every production configuration (``AOT_SPECS``). Takes minutes (the triton cache helps)."""
-    from nova_fast.kernels.group_causal_attention import AOT_SPECS
     from nova_fast.testing import triton_aot
 
-    warps = {s.name(): s.num_warps for s in AOT_SPECS}
     rows = []
     for r in triton_aot.compile_in_subprocess("nova_fast.kernels.group_causal_attention"):
+        # the warps the compiled kernel launches (a warp-specialised kernel more than it asked for)
+        warps = r.threads // 32
         rows.append({"kernel": r.spec, "arch": f"sm_{r.arch}", "registers": r.registers, "spill_bytes": r.local_bytes,
                      "shared_KiB": round(r.shared_bytes / 1024, 1),
-                     "ctas_per_sm": ctas_per_sm(r.registers, r.shared_bytes, warps[r.spec], r.arch),
-                     "warps": warps[r.spec], "hmma": r.hmma, "hgmma": r.hgmma, "error": r.error})
+                     "ctas_per_sm": 0 if r.error else ctas_per_sm(r.registers, r.shared_bytes, warps, r.arch),
+                     "warps": warps, "hmma": r.hmma, "hgmma": r.hgmma, "error": r.error})
     return rows
 
 

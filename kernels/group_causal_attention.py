@@ -43,7 +43,6 @@ project's fp32 tolerance) on their own smaller tiles: the 16-bit tiles spill in 
 dq kernel's would need more shared memory than an A100 has.
 """
 import contextlib
-import dataclasses
 import os
 
 import torch
@@ -94,13 +93,15 @@ def device_arch(device=None) -> int:
 
 
 def table_configs(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> list[dict]:
-    """The generated table's pruned configurations of kernel ``kind`` ("fwd", "fwd_tma", "dkdv", "dq")
+    """The generated table's pruned configurations of kernel ``kind`` ("fwd", "fwd_tma", "fwd_tma_ws",
+    "dkdv", "dq")
     for ``arch``, best first. sm_9x and later read the sm_90 entries; other sm_8x the sm_80 entries
     that fit their 99 KiB of shared memory per block (none fitting: the smallest; sm_80 all of them)."""
     from .group_causal_attention_configs import CONFIGS
 
     dtype_class = "fp32" if precision(dtype) == "ieee" else "16bit"
-    table_arch = 90 if arch >= 90 or kind == "fwd_tma" else 80  # the TMA forward is tuned for sm_90 only
+    # the TMA forwards are tuned for sm_90 only
+    table_arch = 90 if arch >= 90 or kind in ("fwd_tma", "fwd_tma_ws") else 80
     entries = CONFIGS.get((table_arch, dtype_class, head_dim, kind))
     if not entries:
         raise ValueError(f"no {kind} configuration for sm_{arch}, {dtype}, head dim {head_dim} in the generated table")
@@ -129,7 +130,7 @@ def dq_atomic_launch(cfg: dict) -> dict:
 
 
 def config(kind: str, head_dim: int, dtype: torch.dtype, device=None) -> dict:
-    """Block sizes, warps and stages of kernel ``kind`` ("fwd", "fwd_tma", "dkdv", "dq") for these
+    """Block sizes, warps and stages of kernel ``kind`` ("fwd", "fwd_tma", "fwd_tma_ws", "dkdv", "dq") for these
     inputs on ``device`` (its architecture's first table entry; off a GPU the sm_80 one)."""
     entry = table_configs(kind, head_dim, dtype, device_arch(device))[0]
     cfg = {k: entry[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
@@ -690,7 +691,7 @@ def tma_device(device) -> tuple[bool, str]:
 def forward_path(q: torch.Tensor, sorted_tokens: bool) -> tuple[str, str]:
     """(path, why) the forward takes for q: "tma" on sm_90 for fp16/bf16 when both token orders are
     the identity (the plan's ``sorted_tokens``; "tma_ws", its warp-specialised variant, when opted in
-    and the table's configuration fits it), "gather" otherwise."""
+    and the table has a "fwd_tma_ws" configuration for the head dim that fits it), "gather" otherwise."""
     if _path_override is not None:
         return _path_override, "forced by forward_path_override"
     if not sorted_tokens:
@@ -703,15 +704,20 @@ def forward_path(q: torch.Tensor, sorted_tokens: bool) -> tuple[str, str]:
     why = "sm_90, groups in token order: TMA loads and stores"
     if os.environ.get(WARP_SPECIALIZE_ENV) != "1":
         return "tma", why
-    unfit = warp_specialize_unfit(config("fwd_tma", q.shape[-1], q.dtype, q.device))
+    try:
+        ws_cfg = config("fwd_tma_ws", q.shape[-1], q.dtype, q.device)
+    except ValueError as exc:  # no entry: every candidate for this head dim pruned (or none generated)
+        return "tma", f"{why}; not warp-specialised: {exc}"
+    unfit = warp_specialize_unfit(ws_cfg)
     if unfit:
         return "tma", f"{why}; not warp-specialised: {unfit}"
     return "tma_ws", f"{why}, warp-specialised ({WARP_SPECIALIZE_ENV}=1)"
 
 
 def warp_specialize_unfit(cfg: dict) -> str | None:
-    """Why the warp-specialised TMA forward cannot run configuration ``cfg``, or None if it can:
-    triton's sm_90 pass specialises only at 4 warps and splits BLOCK_M into two 64-row consumers."""
+    """Why the warp-specialised TMA forward cannot run configuration ``cfg`` (its "fwd_tma_ws" table
+    entry), or None if it can: triton's sm_90 pass specialises only at 4 warps and splits BLOCK_M into
+    two 64-row consumers."""
     if cfg["num_warps"] != 4:
         return f"needs num_warps 4, the table's configuration has {cfg['num_warps']}"
     if cfg["BLOCK_M"] != 128:
@@ -755,9 +761,10 @@ def forward(q, k, v, q_order, k_order, k_visible, scale, sorted_tokens: bool = F
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     path, _ = forward_path(q, sorted_tokens)
-    # the table tunes the TMA forward for 16-bit inputs; fp32 through it (forced, tests) takes the fp32 tiles
+    # the table tunes the TMA forwards for 16-bit inputs (each its own entry: the warp-specialised one
+    # at 4 warps); fp32 through them (forced, tests) takes the fp32 tiles
     tma_tiles = path in ("tma", "tma_ws") and precision(q.dtype) != "ieee"
-    cfg = config("fwd_tma" if tma_tiles else "fwd", D, q.dtype, q.device)
+    cfg = config({"tma": "fwd_tma", "tma_ws": "fwd_tma_ws"}[path] if tma_tiles else "fwd", D, q.dtype, q.device)
     out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     n_qtiles = triton.cdiv(Nq, cfg["BLOCK_M"])
@@ -765,8 +772,8 @@ def forward(q, k, v, q_order, k_order, k_visible, scale, sorted_tokens: bool = F
         if q.device.type == "cuda":
             _ensure_descriptor_allocator()
         if path == "tma_ws":
-            # not autotuned: the table's other warp counts would not be specialised
-            kernel, opts = gca_fwd_tma_ws_kernel, _launch_opts(cfg)
+            # its own table entries: 4 warps, each compiled specialised, so autotuning may try them all
+            kernel, opts = _launchable(gca_fwd_tma_ws_kernel, "fwd_tma_ws", cfg, q)
             k_visible = _tma_rows(k_visible)  # loaded by TMA in this kernel
         else:
             kernel, opts = _launchable(gca_fwd_tma_kernel, "fwd_tma", cfg, q)
@@ -909,13 +916,15 @@ def _fwd_tma_sig(dt):
 
 # the table kind whose entries a kernel runs on: the atomic-dq backward has no entries of its own
 # (same loop and tiles as the dk/dv kernel, one more GEMM: see DQ_ATOMIC_NUM_WARPS)
-TABLE_KIND = {"fwd": "fwd", "fwd_tma": "fwd_tma", "dkdv": "dkdv", "dkdv_dq_atomic": "dkdv", "dq": "dq"}
+TABLE_KIND = {"fwd": "fwd", "fwd_tma": "fwd_tma", "fwd_tma_ws": "fwd_tma_ws", "dkdv": "dkdv",
+              "dkdv_dq_atomic": "dkdv", "dq": "dq"}
 
 
 def kernel_signature(kind: str, dt: str) -> tuple[str, dict]:
-    """(kernel name, AOT signature) of kernel ``kind`` ("fwd", "fwd_tma", "dkdv", "dkdv_dq_atomic",
-    "dq") for dtype ``dt``."""
+    """(kernel name, AOT signature) of kernel ``kind`` ("fwd", "fwd_tma", "fwd_tma_ws", "dkdv",
+    "dkdv_dq_atomic", "dq") for dtype ``dt``."""
     return {"fwd": ("gca_fwd_kernel", _fwd_sig(dt)), "fwd_tma": ("gca_fwd_tma_kernel", _fwd_tma_sig(dt)),
+            "fwd_tma_ws": ("gca_fwd_tma_ws_kernel", _fwd_tma_sig(dt)),
             "dkdv": ("gca_bwd_dkdv_kernel", _bwd_sig(dt, "dkdv")),
             "dkdv_dq_atomic": ("gca_bwd_dkdv_dq_atomic_kernel", _bwd_sig(dt, "dkdv_dq_atomic")),
             "dq": ("gca_bwd_dq_kernel", _bwd_sig(dt, "dq"))}[kind]
@@ -952,7 +961,5 @@ def _specs():
 AOT_SPECS = _specs()
 # the TMA forward's specs alone (tests compile them with triton 3.9 and the GPU machine's triton)
 TMA_AOT_SPECS = [s for s in AOT_SPECS if s.kernel == "gca_fwd_tma_kernel"]
-# the warp-specialised TMA forward at the table's TMA configurations it can run (warp_specialize_unfit)
-WS_AOT_SPECS = [dataclasses.replace(s, kernel="gca_fwd_tma_ws_kernel", label=s.label.replace("fwd_tma", "fwd_tma_ws"))
-                for s in TMA_AOT_SPECS
-                if warp_specialize_unfit({"num_warps": s.num_warps, "BLOCK_M": s.constexprs["BLOCK_M"]}) is None]
+# the warp-specialised TMA forward's specs alone (its table entries, "fwd_tma_ws")
+WS_AOT_SPECS = [s for s in AOT_SPECS if s.kernel == "gca_fwd_tma_ws_kernel"]

@@ -414,8 +414,8 @@ def test_aot_production_configs_compile_without_spills_within_shared_memory():
             mp.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
             for dtype, dt in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
                 for d in (64, 128):
-                    kinds = ("fwd", "dkdv", "dkdv_dq_atomic", "dq") + (("fwd_tma",) if arch == 90 and dt != "fp32"
-                                                                       else ())
+                    kinds = ("fwd", "dkdv", "dkdv_dq_atomic", "dq") + (("fwd_tma", "fwd_tma_ws")
+                                                                       if arch == 90 and dt != "fp32" else ())
                     for kind in kinds:
                         cfg = kernels.config(kernels.TABLE_KIND[kind], d, dtype, torch.device("cuda"))
                         if kind == "dkdv_dq_atomic":
@@ -429,7 +429,7 @@ def test_aot_production_configs_compile_without_spills_within_shared_memory():
     assert ("fp32", "ieee") in {(k[1], k[7]) for k in compiled}
 
     results = triton_aot.compile_in_subprocess("nova_fast.kernels.group_causal_attention")
-    # every spec for each of its targets (the TMA forward: sm_90 only)
+    # every spec for each of its targets (the TMA forwards: sm_90 only)
     assert len(results) == sum(len(s.archs or (80, 90)) for s in kernels.AOT_SPECS)
     # the atomic-dq backward at the dk/dv picks (8 warps) may spill up to its bound (figures and why:
     # kernels.DQ_ATOMIC_NUM_WARPS); every other kernel nothing
@@ -441,3 +441,4 @@ def test_aot_production_configs_compile_without_spills_within_shared_memory():
     assert all(r.hgmma > 0 for r in results if r.arch == 90 and r.tensor_cores)
     assert all(r.hmma == 0 and r.hgmma == 0 for r in results if "fp32" in r.spec)  # exact fp32: FMA, not TF32
     assert all(r.tma > 0 for r in results if r.spec.startswith("fwd_tma"))
+    assert all(r.setmaxnreg > 0 for r in results if r.spec.startswith("fwd_tma_ws"))

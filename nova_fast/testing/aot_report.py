@@ -148,7 +148,7 @@ def triton_cases(modules=TRITON_MODULES, archs=(80, 90), compat: bool = True, on
                     "tensor_cores": spec.tensor_cores, "metrics": {}})
                 key = f"sm_{r.arch}" if which == "current" else f"sm_{r.arch} triton {r.triton_version}"
                 case["metrics"][key] = {"triton": r.triton_version, **_figures(
-                    r.arch, r.registers, r.local_bytes, r.shared_bytes, spec.num_warps * 32, spec.tensor_cores,
+                    r.arch, r.registers, r.local_bytes, r.shared_bytes, r.threads, spec.tensor_cores,
                     r.hmma, r.hgmma, r.error, r.tma, r.setmaxnreg)}
     return list(cases.values())
 

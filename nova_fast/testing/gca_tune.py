@@ -13,17 +13,26 @@ BLOCK_N), then more stages, then fewer warps; the launcher takes the first (and 
 try the others). Without triton COMPAT_TRITON the table is not built (no single-triton table).
 
 The dtype class "16bit" is compiled as bf16 and serves fp16 too (same tile shapes, same register and
-shared-memory use); "fp32" is the exact-fp32 (ieee) kernels. ``fwd_tma`` (the Hopper TMA forward) is
-tuned for sm_90 only.
+shared-memory use); "fp32" is the exact-fp32 (ieee) kernels. ``fwd_tma`` (the Hopper TMA forward) and
+``fwd_tma_ws`` (its warp-specialised form) are tuned for sm_90 16-bit only. ``fwd_tma_ws`` candidates
+are 4 warps and BLOCK_M 128 only (what triton's sm_90 warp_specialize pass splits into a producer and
+two 64-row consumer warp groups); one that compiles unspecialised under either triton (no USETMAXREG
+in its SASS) is discarded. The occupancy of every candidate counts the threads the compiled kernel
+launches (triton_aot.launch_threads), which after warp specialisation is more than 32 x num_warps
+(kept as ``launch_warps`` in the entries where it differs).
 
     python -m nova_fast.testing.gca_tune            # print the table
     python -m nova_fast.testing.gca_tune --write    # rewrite kernels/group_causal_attention_configs.py
+    python -m nova_fast.testing.gca_tune --write --keys '[[90, "16bit", 64, "fwd_tma_ws"]]'
+        # recompile only these entries; every other entry is kept as the table has it (the table's
+        # tritons must be this venv's and COMPAT_TRITON): the file is what the full --write gives
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pprint
+import runpy
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,37 +50,50 @@ SHARED_PER_BLOCK = {arch: lim["smem_per_cta_max"] for arch, lim in ARCH_LIMITS.i
 _16BIT_TILES = {"fwd": [(128, 64), (128, 128), (64, 64)],
                 "dkdv": [(32, 64), (32, 128), (64, 64)],
                 "dq": [(128, 32), (128, 64), (64, 64)],
-                "fwd_tma": [(128, 64), (128, 128)]}
+                "fwd_tma": [(128, 64), (128, 128)],
+                "fwd_tma_ws": [(128, 64), (128, 128)]}
+# kinds whose kernel loop is warp-specialised: a candidate compiled without USETMAXREG is discarded
+WARP_SPECIALISED = ("fwd_tma_ws",)
 _FP32_TILES = {"fwd": [(32, 32), (32, 16)], "dkdv": [(16, 32), (32, 32)], "dq": [(32, 32), (32, 16)]}
 
 
 def candidates(arch: int, dtype_class: str, head_dim: int, kind: str) -> list[dict]:
     """The candidate space of one table entry (before pruning)."""
-    if kind == "fwd_tma" and (arch != 90 or dtype_class != "16bit"):
-        return []
+    if kind in WARP_SPECIALISED or kind == "fwd_tma":
+        if arch != 90 or dtype_class != "16bit":
+            return []
     tiles = (_16BIT_TILES if dtype_class == "16bit" else _FP32_TILES)[kind]
     stages = (2, 3) if dtype_class == "16bit" else (2,)
+    warps = (4,) if kind in WARP_SPECIALISED else (4, 8)  # the sm_90 pass specialises 4-warp kernels only
     return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            for bm, bn in tiles for w in (4, 8) for s in stages]
+            for bm, bn in tiles for w in warps for s in stages]
 
 
 def keys(archs=(80, 90), dtype_classes=("16bit", "fp32"), head_dims=(64, 128),
-         kinds=("fwd", "dkdv", "dq", "fwd_tma")) -> list[tuple]:
+         kinds=("fwd", "dkdv", "dq", "fwd_tma", "fwd_tma_ws")) -> list[tuple]:
     return [(a, c, d, k) for a in archs for c in dtype_classes for d in head_dims for k in kinds
             if candidates(a, c, d, k)]
 
 
 def ctas_per_sm(arch: int, registers: int, shared: int, num_warps: int) -> int:
-    """Resident CTAs per SM: the occupancy model of nova_fast.testing.aot_report (registers allocated
-    per warp in units of 256, shared memory with its per-CTA reserve, threads, CTA slots)."""
+    """Resident CTAs per SM of a kernel launching ``num_warps`` warps (:func:`launch_warps`: after warp
+    specialisation more than were asked for): the occupancy model of nova_fast.testing.aot_report
+    (registers allocated per warp in units of 256, shared memory with its per-CTA reserve, threads,
+    CTA slots)."""
     return aot_ctas_per_sm(registers, shared, 32 * num_warps, arch)[0]
+
+
+def launch_warps(candidate: dict) -> int:
+    """The warps a compiled candidate launches per CTA: ``launch_warps`` where the compile gave more
+    than the ``num_warps`` asked for (warp specialisation adds warp groups), else ``num_warps``."""
+    return candidate.get("launch_warps", candidate["num_warps"])
 
 
 def _compile_entry(key) -> list[dict]:
     """Compile every candidate of one entry with this process's triton (interpreter off): each with its
     resources or why it failed."""
     from nova_fast.kernels import group_causal_attention as kernels
-    from nova_fast.testing.triton_aot import AotSpec, compile_spec
+    from nova_fast.testing.triton_aot import AotSpec, compile_spec, launch_threads, sass_count
 
     arch, dtype_class, head_dim, kind = key
     dt = "bf16" if dtype_class == "16bit" else "fp32"
@@ -83,10 +105,17 @@ def _compile_entry(key) -> list[dict]:
                         "PRECISION": "ieee" if dt == "fp32" else "tf32"},
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         try:
-            compiled, regs, local, _ = compile_spec(getattr(kernels, kernel_name), spec, arch)
-            out.append(dict(cfg, registers=regs, local_bytes=local, shared_bytes=compiled.metadata.shared))
+            compiled, regs, local, sass = compile_spec(getattr(kernels, kernel_name), spec, arch)
         except Exception as exc:  # a candidate that does not compile is pruned, with the reason kept
             out.append(dict(cfg, error=f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"))
+            continue
+        if kind in WARP_SPECIALISED and not sass_count(sass, "USETMAXREG"):
+            out.append(dict(cfg, error="not warp-specialised: no USETMAXREG in the SASS"))
+            continue
+        row = dict(cfg, registers=regs, local_bytes=local, shared_bytes=compiled.metadata.shared)
+        if launch_threads(compiled) != 32 * cfg["num_warps"]:
+            row["launch_warps"] = launch_threads(compiled) // 32
+        out.append(row)
     return out
 
 
@@ -111,7 +140,8 @@ def merge(per_triton: dict) -> list[dict]:
     """One entry's candidates compiled by several tritons ({version: [candidate results]}, the same
     candidates in the same order) as one list: an error under any triton is an error; local bytes,
     registers and shared bytes are the largest of the tritons', with each triton's (registers, shared
-    bytes) kept under ``per_triton``."""
+    bytes) kept under ``per_triton``; ``launch_warps`` (where a triton launches more warps than asked
+    for) the largest of the tritons' :func:`launch_warps`."""
     versions = list(per_triton)
     merged = []
     for rows in zip(*(per_triton[v] for v in versions)):
@@ -122,10 +152,14 @@ def merge(per_triton: dict) -> list[dict]:
         if errors:
             merged.append(dict(cfg, error="; ".join(errors)))
             continue
-        merged.append(dict(cfg, registers=max(r["registers"] for r in rows),
-                           local_bytes=max(r["local_bytes"] for r in rows),
-                           shared_bytes=max(r["shared_bytes"] for r in rows),
-                           per_triton={v: (r["registers"], r["shared_bytes"]) for v, r in zip(versions, rows)}))
+        entry = dict(cfg, registers=max(r["registers"] for r in rows),
+                     local_bytes=max(r["local_bytes"] for r in rows),
+                     shared_bytes=max(r["shared_bytes"] for r in rows),
+                     per_triton={v: (r["registers"], r["shared_bytes"]) for v, r in zip(versions, rows)})
+        warps = max(launch_warps(r) for r in rows)
+        if warps != cfg["num_warps"]:
+            entry["launch_warps"] = warps
+        merged.append(entry)
     return merged
 
 
@@ -136,7 +170,7 @@ def prune(arch: int, compiled: list[dict]) -> list[dict]:
     for c in compiled:
         if c.get("error") or c["local_bytes"] or c["shared_bytes"] > SHARED_PER_BLOCK[arch]:
             continue
-        ok.append(dict(c, ctas_per_sm=ctas_per_sm(arch, c["registers"], c["shared_bytes"], c["num_warps"])))
+        ok.append(dict(c, ctas_per_sm=ctas_per_sm(arch, c["registers"], c["shared_bytes"], launch_warps(c))))
     best = {}
     for c in ok:
         tile = (c["BLOCK_M"], c["BLOCK_N"])
@@ -178,12 +212,29 @@ def render(table: dict, versions: tuple[str, str]) -> str:
             f"CONFIGS = {body}\n")
 
 
+def complete_with_table(table: dict, versions: tuple[str, str]) -> dict:
+    """The full table: ``table``'s entries (some keys, just built) and the committed table's for every
+    other key of :func:`keys`, in that order. Refused (RuntimeError) if the committed table was made
+    with other tritons or lacks a key not rebuilt: then only the full --write makes a whole table."""
+    committed = runpy.run_path(str(TABLE_PATH))
+    if tuple(committed["TRITON_VERSIONS"]) != versions:
+        raise RuntimeError(f"the table was generated with tritons {committed['TRITON_VERSIONS']}, these are "
+                           f"{versions}: regenerate all of it (`{COMMAND}` without --keys)")
+    unknown = [k for k in table if k not in keys()]
+    missing = [k for k in keys() if k not in table and k not in committed["CONFIGS"]]
+    if unknown or missing:
+        raise RuntimeError(f"keys not in the candidate space: {unknown}; table entries neither rebuilt nor "
+                           f"committed: {missing} (add them to --keys or run `{COMMAND}` without --keys)")
+    return {k: table[k] if k in table else committed["CONFIGS"][k] for k in keys()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--write", action="store_true", help=f"rewrite {TABLE_PATH.relative_to(REPO_ROOT)}")
     p.add_argument("--compiled-json", action="store_true",
                    help="compile the candidates with this process's triton only and print them as JSON, unpruned")
-    p.add_argument("--keys", help="JSON list of [arch, dtype class, head dim, kind] (default: all)")
+    p.add_argument("--keys", help="JSON list of [arch, dtype class, head dim, kind] (default: all); with "
+                                  "--write, only these entries are rebuilt and the table's others kept")
     a = p.parse_args(argv)
     entry_keys = [tuple(k) for k in json.loads(a.keys)] if a.keys else keys()
     if a.compiled_json:
@@ -191,12 +242,14 @@ def main(argv=None) -> int:
         return 0
     try:
         table, versions = build(entry_keys)
-    except RuntimeError as exc:  # no compat triton, or a compile process that failed: nothing written
-        print(f"gca_tune: {exc}", file=sys.stderr)
+        if a.write and a.keys:
+            table = complete_with_table(table, versions)
+    except RuntimeError as exc:  # no compat triton, a compile process that failed, a table that does not
+        print(f"gca_tune: {exc}", file=sys.stderr)  # match: nothing written
         return 1
     if a.write:
         TABLE_PATH.write_text(render(table, versions))
-        print(f"wrote {TABLE_PATH} ({len(table)} entries)")
+        print(f"wrote {TABLE_PATH} ({len(table)} entries, {len(entry_keys)} rebuilt)")
     else:
         print(render(table, versions))
     return 0

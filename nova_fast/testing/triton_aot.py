@@ -66,6 +66,7 @@ class AotResult:
     triton_version: str | None = None
     tma: int = 0          # TMA loads (UTMALDG, sm_90)
     setmaxnreg: int = 0   # register reallocation between warpgroups (USETMAXREG: warp specialization)
+    threads: int = 0      # threads per CTA the compiled kernel launches with (launch_threads)
 
 
 def _tool(name: str) -> str:
@@ -87,6 +88,18 @@ def _resources(cubin: bytes) -> tuple[int, int, str]:
     if not m:
         raise RuntimeError(f"could not read cuobjdump -res-usage output:\n{res}")
     return int(m.group(1)), int(m.group(4)) + int(m.group(2)), sass
+
+
+def launch_threads(compiled) -> int:
+    """Threads per CTA a compiled kernel launches with: 32 x its metadata's num_warps, which triton sets
+    to the total after warp specialisation (the requested warps plus the producer's and the extra
+    consumers' warp groups), so not always 32 x the num_warps asked for."""
+    return 32 * compiled.metadata.num_warps
+
+
+def sass_count(sass: str, opcode: str) -> int:
+    """How many ``opcode`` instructions (e.g. HGMMA, UTMALDG, USETMAXREG) the SASS holds."""
+    return len(re.findall(rf"\b{opcode}\b", sass))
 
 
 def compile_spec(fn, spec: AotSpec, arch: int):
@@ -131,10 +144,10 @@ def compile_module(module_name: str, targets=TARGETS, one_dtype: bool = False,
             try:
                 compiled, regs, local, sass = compile_spec(getattr(module, spec.kernel), spec, arch)
                 results.append(AotResult(module_name, spec.name(), arch, regs, local, compiled.metadata.shared,
-                                         len(re.findall(r"\bHMMA\b", sass)), len(re.findall(r"\bHGMMA\b", sass)),
+                                         sass_count(sass, "HMMA"), sass_count(sass, "HGMMA"),
                                          spec.tensor_cores, triton_version=triton.__version__,
-                                         tma=len(re.findall(r"\bUTMALDG\b", sass)),
-                                         setmaxnreg=len(re.findall(r"\bUSETMAXREG\b", sass))))
+                                         tma=sass_count(sass, "UTMALDG"), setmaxnreg=sass_count(sass, "USETMAXREG"),
+                                         threads=launch_threads(compiled)))
             except Exception as exc:  # reported per spec so one failure does not hide the others
                 results.append(AotResult(module_name, spec.name(), arch, 0, 0, 0, 0, 0, spec.tensor_cores,
                                          error=f"{exc.__class__.__name__}: {str(exc)[:2000]}",
