@@ -33,8 +33,10 @@ pre-pass writes delta = rowsum(dO * O) and the lse in log2 units in sorted order
   dP^T, dk; then S, dP, dq), bitwise reproducible;
 - atomic (``deterministic=False``): FlashAttention-2's 5 tile GEMMs: the dk/dv kernel also adds
   ds @ k into an fp32 dq buffer in token order with ``tl.atomic_add`` (no dq kernel, no second
-  S and dP), so dq's summation order varies between runs. It runs the dk/dv table entry at 8 warps
-  (the dq product spills at the 4-warp picks; see ``DQ_ATOMIC_NUM_WARPS``).
+  S and dP), so dq's summation order varies between runs. It has its own table entries
+  (``dkdv_atomic``: with its extra BLOCK_M x D fp32 dq product the dk/dv kernel's picks spilled up
+  to 224 B per thread; its own candidates are pruned of spills like every kernel's), so its own
+  key-tile plan (:func:`backward_kind`).
 
 Offsets: batch and head bases and row offsets are computed in int64 (B*H*N*D may pass 2^31).
 
@@ -94,7 +96,7 @@ def device_arch(device=None) -> int:
 
 def table_configs(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> list[dict]:
     """The generated table's pruned configurations of kernel ``kind`` ("fwd", "fwd_tma", "fwd_tma_ws",
-    "dkdv", "dq")
+    "dkdv", "dkdv_atomic", "dq")
     for ``arch``, best first. sm_9x and later read the sm_90 entries; other sm_8x the sm_80 entries
     that fit their 99 KiB of shared memory per block (none fitting: the smallest; sm_80 all of them)."""
     from .group_causal_attention_configs import CONFIGS
@@ -111,27 +113,10 @@ def table_configs(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> li
     return entries
 
 
-# The atomic-dq backward (gca_bwd_dkdv_dq_atomic_kernel) has no table entries of its own: it runs the
-# dk/dv kernel's first entry (same tile, so the same grid and key-tile plan, and same stages) at 8
-# warps. Its extra BLOCK_M x D fp32 dq product spills at the 4-warp picks (AOT, triton 3.9, bytes per
-# thread: sm_80 16-bit d64 16, sm_80 fp32 d128 192, sm_90 16-bit d64 96, sm_90 16-bit d128 224). At
-# 8 warps: triton 3.9 spills sm_80 fp32 d64 8 B (one register saved around a call), sm_80 fp32 d128
-# 24 B, sm_90 16-bit d64 16 B; triton 3.6 (the lent GPU's) sm_90 fp32 d64 and d128 16 B each; the
-# rest nothing. The AOT tests allow the atomic kernel up to DQ_ATOMIC_SPILL_BOUND bytes per thread
-# (the deterministic kernels none): a few registers to local memory (L1), against the 7-GEMM
-# path's second pass over S and dP. Unmeasured on a GPU.
-DQ_ATOMIC_NUM_WARPS = 8
-DQ_ATOMIC_SPILL_BOUND = 24
-
-
-def dq_atomic_launch(cfg: dict) -> dict:
-    """The atomic-dq backward's launch configuration from a dk/dv table entry ``cfg``."""
-    return dict(cfg, num_warps=DQ_ATOMIC_NUM_WARPS)
-
-
 def config(kind: str, head_dim: int, dtype: torch.dtype, device=None) -> dict:
-    """Block sizes, warps and stages of kernel ``kind`` ("fwd", "fwd_tma", "fwd_tma_ws", "dkdv", "dq") for these
-    inputs on ``device`` (its architecture's first table entry; off a GPU the sm_80 one)."""
+    """Block sizes, warps and stages of kernel ``kind`` (a table kind: "fwd", "fwd_tma", "fwd_tma_ws",
+    "dkdv", "dkdv_atomic", "dq") for these inputs on ``device`` (its architecture's first table entry;
+    off a GPU the sm_80 one)."""
     entry = table_configs(kind, head_dim, dtype, device_arch(device))[0]
     cfg = {k: entry[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
     if _block_override is not None:
@@ -629,19 +614,14 @@ def autotuning(device) -> bool:
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and _block_override is None)
 
 
-def _launchable(kernel, kind: str, cfg: dict, q: torch.Tensor, reset_to_zero: list[str] | None = None,
-                num_warps: int | None = None):
+def _launchable(kernel, kind: str, cfg: dict, q: torch.Tensor, reset_to_zero: list[str] | None = None):
     """(kernel to index with the grid, launch options): the table's config, or on a GPU with
     autotuning on, triton.autotune over :func:`runtime_configs` (keyed on the sequence lengths).
-    ``reset_to_zero``: arguments the kernel accumulates into (atomics), zeroed before each timed run;
-    ``num_warps``: fixed for every option (cfg already holds it), the stages still tried."""
+    ``reset_to_zero``: arguments the kernel accumulates into (atomics), zeroed before each timed run."""
     if not autotuning(q.device):
         return kernel, _launch_opts(cfg)
     options = runtime_configs(kind, q.shape[-1], q.dtype, q.device)
-    if num_warps is not None:
-        options = [dict(t) for t in dict.fromkeys(tuple(dict(o, num_warps=num_warps).items()) for o in options)]
-    # keyed on the kernel too: two kernels share the "dkdv" entries
-    key = (kernel.__name__, kind, q.shape[-1], q.dtype, device_arch(q.device))
+    key = (kind, q.shape[-1], q.dtype, device_arch(q.device))
     if key not in _autotuned:
         _autotuned[key] = triton.autotune([triton.Config({}, **o) for o in options], key=["Nq", "Nk"],
                                           reset_to_zero=reset_to_zero)(kernel)
@@ -798,13 +778,20 @@ BACKWARD_PATHS = ("deterministic", "atomic")
 last_backward_path: str | None = None
 
 
+def backward_kind(deterministic: bool) -> str:
+    """The table kind of the kernel that loops over key tiles in :func:`backward` (the one whose
+    blocks its ``key_tiles`` plan is for): "dkdv" (deterministic) or "dkdv_atomic"."""
+    return "dkdv" if deterministic else "dkdv_atomic"
+
+
 def backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, scale, deterministic: bool = True):
-    """(dq, dk, dv), contiguous, in token order, for the forward above. ``key_tiles``: the dk/dv
-    kernel's plan, :func:`key_tile_plan` for ``config("dkdv", D, dtype)``'s blocks (None: built here).
-    ``deterministic`` False: dq by atomic adds inside the dk/dv kernel (FlashAttention-2's 5 tile
-    GEMMs; the summation order of dq varies between runs), accumulated in fp32 and cast to q's dtype
-    by a torch op (no copy for fp32); on the dk/dv kernel's table entry at 8 warps
-    (:func:`dq_atomic_launch`), so ``key_tiles`` is the same."""
+    """(dq, dk, dv), contiguous, in token order, for the forward above. ``key_tiles``: the plan of
+    the kernel that loops over key tiles, :func:`key_tile_plan` for the blocks of
+    ``config(backward_kind(deterministic), D, dtype)`` (None: built here): the dk/dv kernel's, or
+    with ``deterministic`` False the atomic kernel's (its own table entry, other tiles). ``deterministic``
+    False: dq by atomic adds inside the dk/dv kernel (FlashAttention-2's 5 tile GEMMs; the summation
+    order of dq varies between runs), accumulated in fp32 and cast to q's dtype by a torch op (no copy
+    for fp32)."""
     global last_backward_path
     q, k, v, dout, out = aligned(q), aligned(k), aligned(v), aligned(dout), aligned(out)
     B, H, Nq, D = q.shape
@@ -821,19 +808,18 @@ def backward(dout, q, k, v, out, lse, q_order, k_order, k_visible, key_tiles, sc
         out, dout, lse, delta, lse2, q_order, Nq, H, B * H, n_rtiles, *_strides(out), *_strides(dout), qp,
         HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
 
-    cfg = config("dkdv", D, q.dtype, q.device)
+    kind = backward_kind(deterministic)
+    cfg = config(kind, D, q.dtype, q.device)
     if key_tiles is None:
         key_tiles = key_tile_plan(k_visible, Nk, cfg["BLOCK_M"], cfg["BLOCK_N"])
     n_ktiles = triton.cdiv(Nk, cfg["BLOCK_N"])
     if key_tiles.shape[-1] != n_ktiles:
-        raise ValueError(f"key_tiles has {key_tiles.shape[-1]} key tiles; the dk/dv kernel's {cfg['BLOCK_N']}-key "
-                         f"tiles need {n_ktiles}: build it with key_tile_plan for config('dkdv', ...)")
+        raise ValueError(f"key_tiles has {key_tiles.shape[-1]} key tiles; the {kind} kernel's {cfg['BLOCK_N']}-key "
+                         f"tiles need {n_ktiles}: build it with key_tile_plan for config({kind!r}, ...)")
     if not deterministic:
         # zeroed here: every row is an accumulator, and rows no key tile reaches stay 0
         dq_acc = torch.zeros((B, H, Nq, D), device=q.device, dtype=torch.float32)
-        cfg = dq_atomic_launch(cfg)
-        kernel, opts = _launchable(gca_bwd_dkdv_dq_atomic_kernel, "dkdv", cfg, q, reset_to_zero=["dq_acc_ptr"],
-                                   num_warps=DQ_ATOMIC_NUM_WARPS)
+        kernel, opts = _launchable(gca_bwd_dkdv_dq_atomic_kernel, kind, cfg, q, reset_to_zero=["dq_acc_ptr"])
         kernel[grid(n_ktiles, B * H)](
             q, k, v, dout, lse2, delta, dk, dv, dq_acc, q_order, k_order, k_visible, key_tiles, scale,
             scale * LOG2E, Nq, Nk, H, B * H, n_ktiles, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
@@ -875,7 +861,7 @@ def _fwd_sig(dt):
 
 
 def _bwd_sig(dt, kind: str):
-    # kind: "dkdv", "dkdv_dq_atomic" (the dk/dv arguments and the fp32 dq accumulator) or "dq"
+    # kind: "dkdv", "dkdv_atomic" (the dk/dv arguments and the fp32 dq accumulator) or "dq"
     dq = kind == "dq"
     sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "do_ptr": f"*{dt}", "lse2_ptr": "*fp32",
            "delta_ptr": "*fp32"}
@@ -883,7 +869,7 @@ def _bwd_sig(dt, kind: str):
         sig["dq_ptr"] = f"*{dt}"
     else:
         sig.update({"dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}"})
-    if kind == "dkdv_dq_atomic":
+    if kind == "dkdv_atomic":
         sig["dq_acc_ptr"] = "*fp32"
     sig.update({"q_order_ptr": "*i32", "k_order_ptr": "*i32", "k_visible_ptr": "*i32"})
     if not dq:
@@ -914,35 +900,28 @@ def _fwd_tma_sig(dt):
     return sig
 
 
-# the table kind whose entries a kernel runs on: the atomic-dq backward has no entries of its own
-# (same loop and tiles as the dk/dv kernel, one more GEMM: see DQ_ATOMIC_NUM_WARPS)
-TABLE_KIND = {"fwd": "fwd", "fwd_tma": "fwd_tma", "fwd_tma_ws": "fwd_tma_ws", "dkdv": "dkdv",
-              "dkdv_dq_atomic": "dkdv", "dq": "dq"}
-
-
 def kernel_signature(kind: str, dt: str) -> tuple[str, dict]:
-    """(kernel name, AOT signature) of kernel ``kind`` ("fwd", "fwd_tma", "fwd_tma_ws", "dkdv",
-    "dkdv_dq_atomic", "dq") for dtype ``dt``."""
+    """(kernel name, AOT signature) of the kernel of table kind ``kind`` ("fwd", "fwd_tma", "fwd_tma_ws",
+    "dkdv", "dkdv_atomic", "dq") for dtype ``dt``."""
     return {"fwd": ("gca_fwd_kernel", _fwd_sig(dt)), "fwd_tma": ("gca_fwd_tma_kernel", _fwd_tma_sig(dt)),
             "fwd_tma_ws": ("gca_fwd_tma_ws_kernel", _fwd_tma_sig(dt)),
             "dkdv": ("gca_bwd_dkdv_kernel", _bwd_sig(dt, "dkdv")),
-            "dkdv_dq_atomic": ("gca_bwd_dkdv_dq_atomic_kernel", _bwd_sig(dt, "dkdv_dq_atomic")),
+            "dkdv_atomic": ("gca_bwd_dkdv_dq_atomic_kernel", _bwd_sig(dt, "dkdv_atomic")),
             "dq": ("gca_bwd_dq_kernel", _bwd_sig(dt, "dq"))}[kind]
 
 
 def _specs():
     """Every configuration a launcher picks: the generated table's first entry per (arch, dtype
-    class, head dim, kernel) (the atomic-dq backward at the dk/dv entries), compiled for fp16 and bf16 (16-bit entries) or fp32, for the
+    class, head dim, kernel), compiled for fp16 and bf16 (16-bit entries) or fp32, for the
     architecture(s) that pick it; plus the delta pre-pass per dtype and head dim on both targets."""
     from .group_causal_attention_configs import CONFIGS
 
     picks: dict = {}  # (kind, dt, d, tile, warps, stages) -> the archs picking it
-    for (arch, dtype_class, d, table_kind), entries in CONFIGS.items():
-        for kind in (k for k, t in TABLE_KIND.items() if t == table_kind):
-            cfg = dq_atomic_launch(entries[0]) if kind == "dkdv_dq_atomic" else entries[0]
-            for dt in (("fp16", "bf16") if dtype_class == "16bit" else ("fp32",)):
-                key = (kind, dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
-                picks.setdefault(key, []).append(arch)
+    for (arch, dtype_class, d, kind), entries in CONFIGS.items():
+        cfg = entries[0]
+        for dt in (("fp16", "bf16") if dtype_class == "16bit" else ("fp32",)):
+            key = (kind, dt, d, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+            picks.setdefault(key, []).append(arch)
     specs = []
     for (kind, dt, d, bm, bn, warps, stages), archs in picks.items():
         kernel, sig = kernel_signature(kind, dt)

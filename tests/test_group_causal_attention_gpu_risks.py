@@ -24,7 +24,7 @@ import nova_fast
 import nova_fast.ops.group_causal_attention as gca
 from conftest import assert_close
 from nova_fast.ops.group_causal_attention import MaskPlan, frame_groups, group_causal_attention, random_set_groups
-from test_group_causal_attention import reference, run_case
+from test_group_causal_attention import poisoned_empty, reference, run_case  # noqa: F401  (a fixture)
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -307,6 +307,34 @@ def test_mask_plan_is_built_once_and_shared_by_the_backward(triton_device, monke
     assert len(builds) == 3 and len(key_plans) == 1
 
 
+@pytest.mark.triton
+def test_atomic_backward_runs_on_its_own_tiles_and_key_tile_plan(triton_device, monkeypatch, poisoned_empty):
+    """The atomic-dq backward's table entry ("dkdv_atomic") may have other tiles than the dk/dv
+    kernel's: its key-tile plan must be built for its own blocks. Here the two differ in BLOCK_M only
+    (32 x 16 for dk/dv, 16 x 16 atomic), so a dk/dv plan would pass the kernel's key-tile count check
+    and count query tiles in 32-row units: parity with the reference catches it, and the plans built
+    are recorded. fp32, ragged 45 tokens, random sets with a prefix."""
+    original_config, original_key_tiles = kernels.config, kernels.key_tile_plan
+    tiles = {"dkdv": (32, 16), "dkdv_atomic": (16, 16)}
+
+    def config(kind, head_dim, dtype, device=None):
+        cfg = original_config(kind, head_dim, dtype, device)
+        if kind in tiles:
+            cfg["BLOCK_M"], cfg["BLOCK_N"] = tiles[kind]
+        return cfg
+    plans = []
+    monkeypatch.setattr(kernels, "config", config)
+    monkeypatch.setattr(kernels, "key_tile_plan", lambda kvis, nk, bm, bn: plans.append((bm, bn))
+                        or original_key_tiles(kvis, nk, bm, bn))
+    qg = random_set_groups(38, 5, torch.Generator().manual_seed(21), prefix_len=7)
+    for deterministic in (False, True):
+        plans.clear()
+        run_case("triton", qg, None, 1, 2, 45, 45, 64, torch.float32, triton_device, seed=22,
+                 deterministic=deterministic)
+        assert kernels.last_backward_path == ("deterministic" if deterministic else "atomic")
+        assert plans == [tiles[kernels.backward_kind(deterministic)]]
+
+
 def test_mask_plan_refuses_other_shapes():
     plan = MaskPlan(frame_groups(2, 8))
     q = torch.randn(1, 1, 16, 64)
@@ -337,8 +365,9 @@ def test_missing_flash_attn_is_looked_up_once(monkeypatch):
 def test_atomic_backward_autotune_zeroes_dq_between_timed_runs(monkeypatch):
     """With NOVA_FAST_GCA_AUTOTUNE=1 on a GPU, triton.autotune runs a kernel once per option before
     the real launch: the atomic kernel's dq accumulator must be zeroed before each (reset_to_zero),
-    or the timed runs' adds land in the gradient. Its options keep 8 warps (DQ_ATOMIC_NUM_WARPS); the
-    deterministic kernels need no reset. Launches are stubbed: the autotuner's arguments are read."""
+    or the timed runs' adds land in the gradient. Its options are its own table entries' (kind
+    "dkdv_atomic"), not the dk/dv kernel's; the deterministic kernels need no reset. Launches are
+    stubbed: the autotuner's arguments are read."""
     tuned = {}
 
     def recording_autotune(configs, key, reset_to_zero=None, **kwargs):
@@ -358,6 +387,9 @@ def test_atomic_backward_autotune_zeroes_dq_between_timed_runs(monkeypatch):
     assert set(tuned) == {"gca_bwd_dkdv_kernel", "gca_bwd_dq_kernel", "gca_bwd_dkdv_dq_atomic_kernel"}
     configs, reset, arg_names = tuned["gca_bwd_dkdv_dq_atomic_kernel"]
     assert reset == ["dq_acc_ptr"] and "dq_acc_ptr" in arg_names
-    assert configs and all(c.num_warps == kernels.DQ_ATOMIC_NUM_WARPS for c in configs)
-    assert len({c.num_stages for c in configs}) == len(configs)   # the 8-warp options are not repeated
+    options = kernels.runtime_configs("dkdv_atomic", 64, torch.float16)
+    assert options and [dict(num_warps=c.num_warps, num_stages=c.num_stages) for c in configs] == options
     assert tuned["gca_bwd_dkdv_kernel"][1] is None and tuned["gca_bwd_dq_kernel"][1] is None
+    dkdv_configs = tuned["gca_bwd_dkdv_kernel"][0]
+    assert [dict(num_warps=c.num_warps, num_stages=c.num_stages) for c in dkdv_configs] == \
+        kernels.runtime_configs("dkdv", 64, torch.float16)

@@ -130,7 +130,7 @@ def test_launcher_picks_the_table_entry_of_the_device_architecture(monkeypatch, 
     assert kernels.device_arch(cuda) == arch
     for dtype, dtype_class in ((torch.bfloat16, "16bit"), (torch.float16, "16bit"), (torch.float32, "fp32")):
         for d in (64, 128):
-            for kind in ("fwd", "dkdv", "dq"):
+            for kind in ("fwd", "dkdv", "dkdv_atomic", "dq"):
                 entries = table.CONFIGS[(90 if arch >= 90 else 80, dtype_class, d, kind)]
                 cfg = kernels.config(kind, d, dtype, cuda)
                 if arch == 86:  # 99 KiB of shared memory per block: the best entry that fits

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import HAS_GPU
-from nova_fast.kernels import group_causal_attention as _gca_kernels
 from nova_fast.testing import cuda_host, triton_aot
 
 
@@ -153,9 +152,6 @@ COMPAT_SPILLS_ALLOWED = {
     # the unaligned (worst-case) compile of the gated residual kernels spills under either triton;
     # test_modulate checks that the aligned compile NOVA's tensors get is spill-free
     ("nova_fast.kernels.adaln", "residual_norm_"): None,
-    # the atomic-dq backward at the dk/dv picks: its dq product on top of dk, dv, k and v; under 3.6
-    # sm_90 fp32 d64 and d128 spill 16 B (figures for both tritons and why: DQ_ATOMIC_NUM_WARPS)
-    ("nova_fast.kernels.group_causal_attention", "dkdv_dq_atomic "): _gca_kernels.DQ_ATOMIC_SPILL_BOUND,
 }
 
 

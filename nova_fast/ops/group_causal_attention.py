@@ -51,7 +51,8 @@ read q, k, v and write the outputs in the caller's token order through the order
   backward is deterministic by default (a dk/dv and a dq kernel, 7 tile GEMMs, no atomics);
   ``deterministic=False`` takes FlashAttention-2's 5 (dq added by atomics in the dk/dv kernel);
   ``backend_info()``'s ``backward_path`` says which ran (the torch backend has one backward,
-  deterministic, run either way). Tile sizes per architecture come from the kernels' generated table.
+  deterministic, run either way). Tile sizes per architecture come from the kernels' generated table
+  (the atomic backward on its own entries, so its own key-tile plan).
 
 Autograd: ``torch.library`` custom ops ``nova_fast::group_causal_attention`` (takes the plan's
 tensors, returns out and the fp32 log-sum-exp in token order, +inf for rows that see no key) and
@@ -603,7 +604,8 @@ class MaskPlan:
         return (self.q_order, self.k_order, self.q_sorted, self.k_sorted, self.k_visible, key_tiles)
 
     def key_tiles(self, block_m: int, block_n: int) -> Tensor:
-        """The dk/dv kernel's plan for (block_m, block_n) tiles (cached)."""
+        """The plan of a kernel looping over key tiles (the dk/dv or atomic-dq backward) for (block_m,
+        block_n) tiles (cached per size: the two backwards' tiles differ)."""
         if (block_m, block_n) not in self._key_tiles:
             from nova_fast.kernels.group_causal_attention import key_tile_plan
 
@@ -669,17 +671,19 @@ def _dense(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def _key_tiles_for(plan: MaskPlan, q: Tensor) -> Tensor | None:
-    """The Triton backward's dk/dv plan from the (cached) mask plan when the Triton backend will run
-    the backward; None otherwise (the torch backend ignores it; the kernels build one if missing)."""
+def _key_tiles_for(plan: MaskPlan, q: Tensor, deterministic: bool) -> Tensor | None:
+    """The Triton backward's key-tile plan from the (cached) mask plan when the Triton backend will run
+    the backward: for the blocks of the kernel that backward runs (the dk/dv kernel's, or with
+    ``deterministic`` False the atomic-dq kernel's own); None otherwise (the torch backend ignores
+    it; the kernels build one if missing)."""
     wanted, _ = backends.requested_backend(OP)
     if not (wanted == "triton" or (wanted == "auto" and q.device.type == "cuda")):
         return None
     try:
-        from nova_fast.kernels.group_causal_attention import config
+        from nova_fast.kernels.group_causal_attention import backward_kind, config
     except ImportError:
         return None
-    cfg = config("dkdv", q.shape[-1], q.dtype, q.device)
+    cfg = config(backward_kind(deterministic), q.shape[-1], q.dtype, q.device)
     return plan.key_tiles(cfg["BLOCK_M"], cfg["BLOCK_N"])
 
 
@@ -726,7 +730,7 @@ def group_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor | M
         plan = _plan_for(q_groups, k_groups, B, Nq, Nk, q.device)
 
     if needs_autograd(q, k, v) or torch.compiler.is_compiling():
-        key_tiles = None if torch.compiler.is_compiling() else _key_tiles_for(plan, q)
+        key_tiles = None if torch.compiler.is_compiling() else _key_tiles_for(plan, q, deterministic)
         return group_causal_attention_op(q, k, v, *plan.args(key_tiles), scale, plan.sorted_tokens, deterministic)[0]
     backend = backends.resolve(OP, q.device, SUPPORTED)  # inference: no autograd bookkeeping
     return FORWARD[backend](q, k, v, *plan.args(), scale, plan.sorted_tokens)[0]

@@ -13,7 +13,9 @@ BLOCK_N), then more stages, then fewer warps; the launcher takes the first (and 
 try the others). Without triton COMPAT_TRITON the table is not built (no single-triton table).
 
 The dtype class "16bit" is compiled as bf16 and serves fp16 too (same tile shapes, same register and
-shared-memory use); "fp32" is the exact-fp32 (ieee) kernels. ``fwd_tma`` (the Hopper TMA forward) and
+shared-memory use); "fp32" is the exact-fp32 (ieee) kernels. ``dkdv_atomic`` (the atomic-dq backward:
+the dk/dv loop plus a BLOCK_M x D fp32 dq product) has its own entries, its candidates the dk/dv
+tiles and smaller ones, so that it too runs spill-free. ``fwd_tma`` (the Hopper TMA forward) and
 ``fwd_tma_ws`` (its warp-specialised form) are tuned for sm_90 16-bit only. ``fwd_tma_ws`` candidates
 are 4 warps and BLOCK_M 128 only (what triton's sm_90 warp_specialize pass splits into a producer and
 two 64-row consumer warp groups); one that compiles unspecialised under either triton (no USETMAXREG
@@ -49,12 +51,16 @@ SHARED_PER_BLOCK = {arch: lim["smem_per_cta_max"] for arch, lim in ARCH_LIMITS.i
 
 _16BIT_TILES = {"fwd": [(128, 64), (128, 128), (64, 64)],
                 "dkdv": [(32, 64), (32, 128), (64, 64)],
+                # the atomic-dq backward: the dk/dv loop plus a BLOCK_M x D fp32 dq product, so the
+                # dk/dv tiles and smaller ones (16 rows) for the extra accumulator's registers
+                "dkdv_atomic": [(16, 32), (16, 64), (32, 32), (32, 64), (32, 128), (64, 64)],
                 "dq": [(128, 32), (128, 64), (64, 64)],
                 "fwd_tma": [(128, 64), (128, 128)],
                 "fwd_tma_ws": [(128, 64), (128, 128)]}
 # kinds whose kernel loop is warp-specialised: a candidate compiled without USETMAXREG is discarded
 WARP_SPECIALISED = ("fwd_tma_ws",)
-_FP32_TILES = {"fwd": [(32, 32), (32, 16)], "dkdv": [(16, 32), (32, 32)], "dq": [(32, 32), (32, 16)]}
+_FP32_TILES = {"fwd": [(32, 32), (32, 16)], "dkdv": [(16, 32), (32, 32)],
+               "dkdv_atomic": [(16, 16), (16, 32), (32, 16), (32, 32)], "dq": [(32, 32), (32, 16)]}
 
 
 def candidates(arch: int, dtype_class: str, head_dim: int, kind: str) -> list[dict]:
@@ -70,7 +76,7 @@ def candidates(arch: int, dtype_class: str, head_dim: int, kind: str) -> list[di
 
 
 def keys(archs=(80, 90), dtype_classes=("16bit", "fp32"), head_dims=(64, 128),
-         kinds=("fwd", "dkdv", "dq", "fwd_tma", "fwd_tma_ws")) -> list[tuple]:
+         kinds=("fwd", "dkdv", "dkdv_atomic", "dq", "fwd_tma", "fwd_tma_ws")) -> list[tuple]:
     return [(a, c, d, k) for a in archs for c in dtype_classes for d in head_dims for k in kinds
             if candidates(a, c, d, k)]
 
