@@ -632,6 +632,13 @@ def _launchable(kernel, kind: str, cfg: dict, q: torch.Tensor, reset_to_zero: li
 # groups in token order, sm_90 16-bit) and "tma_ws" (gca_fwd_tma_ws_kernel, the same warp-specialised,
 # opted in by WARP_SPECIALIZE_ENV); the path the last forward() call took
 FORWARD_PATHS = ("gather", "tma", "tma_ws")
+# each path's kernel and its table kind (its tiles, and the configurations an autotuner tries)
+FORWARD_KERNELS = {"gather": (gca_fwd_kernel, "fwd"), "tma": (gca_fwd_tma_kernel, "fwd_tma"),
+                   "tma_ws": (gca_fwd_tma_ws_kernel, "fwd_tma_ws")}
+# what triton's sm_90 warp_specialize pass needs (gca_fwd_tma_ws_kernel): 4 warps, and BLOCK_M 128 for
+# its two 64-row consumer warp groups; gca_tune's fwd_tma_ws candidates are built from these
+WS_NUM_WARPS = 4
+WS_BLOCK_M = 128
 # opt-in: the warp-specialised TMA forward compiles and specialises for sm_90 (SASS checked under
 # triton 3.6 and 3.9) but has not run on a GPU yet, so the plain TMA forward stays the default
 WARP_SPECIALIZE_ENV = "NOVA_FAST_GCA_WARP_SPECIALIZE"
@@ -698,10 +705,10 @@ def warp_specialize_unfit(cfg: dict) -> str | None:
     """Why the warp-specialised TMA forward cannot run configuration ``cfg`` (its "fwd_tma_ws" table
     entry), or None if it can: triton's sm_90 pass specialises only at 4 warps and splits BLOCK_M into
     two 64-row consumers."""
-    if cfg["num_warps"] != 4:
-        return f"needs num_warps 4, the table's configuration has {cfg['num_warps']}"
-    if cfg["BLOCK_M"] != 128:
-        return f"needs BLOCK_M 128, the table's configuration has {cfg['BLOCK_M']}"
+    if cfg["num_warps"] != WS_NUM_WARPS:
+        return f"needs num_warps {WS_NUM_WARPS}, the table's configuration has {cfg['num_warps']}"
+    if cfg["BLOCK_M"] != WS_BLOCK_M:
+        return f"needs BLOCK_M {WS_BLOCK_M}, the table's configuration has {cfg['BLOCK_M']}"
     return None
 
 
@@ -741,28 +748,24 @@ def forward(q, k, v, q_order, k_order, k_visible, scale, sorted_tokens: bool = F
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     path, _ = forward_path(q, sorted_tokens)
-    # the table tunes the TMA forwards for 16-bit inputs (each its own entry: the warp-specialised one
-    # at 4 warps); fp32 through them (forced, tests) takes the fp32 tiles
-    tma_tiles = path in ("tma", "tma_ws") and precision(q.dtype) != "ieee"
-    cfg = config({"tma": "fwd_tma", "tma_ws": "fwd_tma_ws"}[path] if tma_tiles else "fwd", D, q.dtype, q.device)
+    fn, kind = FORWARD_KERNELS[path]
+    if precision(q.dtype) == "ieee":
+        kind = "fwd"  # the table tunes the TMA forwards for 16-bit inputs; fp32 through them (forced, tests): fp32 tiles
+    cfg = config(kind, D, q.dtype, q.device)
     out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     n_qtiles = triton.cdiv(Nq, cfg["BLOCK_M"])
+    kernel, opts = _launchable(fn, kind, cfg, q)
     if path in ("tma", "tma_ws"):
         if q.device.type == "cuda":
             _ensure_descriptor_allocator()
         if path == "tma_ws":
-            # its own table entries: 4 warps, each compiled specialised, so autotuning may try them all
-            kernel, opts = _launchable(gca_fwd_tma_ws_kernel, "fwd_tma_ws", cfg, q)
             k_visible = _tma_rows(k_visible)  # loaded by TMA in this kernel
-        else:
-            kernel, opts = _launchable(gca_fwd_tma_kernel, "fwd_tma", cfg, q)
         kernel[grid(n_qtiles, B * H)](
             q, k, v, out, lse, k_visible, scale * LOG2E, Nq, Nk, H, B * H, n_qtiles,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), _plan_stride(k_visible),
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=precision(q.dtype), **opts)
     else:
-        kernel, opts = _launchable(gca_fwd_kernel, "fwd", cfg, q)
         kernel[grid(n_qtiles, B * H)](
             q, k, v, out, lse, q_order, k_order, k_visible, scale * LOG2E, Nq, Nk, H, B * H, n_qtiles,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), _plan_stride(q_order), _plan_stride(k_order),

@@ -56,7 +56,7 @@ _16BIT_TILES = {"fwd": [(128, 64), (128, 128), (64, 64)],
                 "dkdv_atomic": [(16, 32), (16, 64), (32, 32), (32, 64), (32, 128), (64, 64)],
                 "dq": [(128, 32), (128, 64), (64, 64)],
                 "fwd_tma": [(128, 64), (128, 128)],
-                "fwd_tma_ws": [(128, 64), (128, 128)]}
+                "fwd_tma_ws": [(None, 64), (None, 128)]}  # BLOCK_M: the kernels' WS_BLOCK_M
 # kinds whose kernel loop is warp-specialised: a candidate compiled without USETMAXREG is discarded
 WARP_SPECIALISED = ("fwd_tma_ws",)
 _FP32_TILES = {"fwd": [(32, 32), (32, 16)], "dkdv": [(16, 32), (32, 32)],
@@ -70,7 +70,11 @@ def candidates(arch: int, dtype_class: str, head_dim: int, kind: str) -> list[di
             return []
     tiles = (_16BIT_TILES if dtype_class == "16bit" else _FP32_TILES)[kind]
     stages = (2, 3) if dtype_class == "16bit" else (2,)
-    warps = (4,) if kind in WARP_SPECIALISED else (4, 8)  # the sm_90 pass specialises 4-warp kernels only
+    warps = (4, 8)
+    if kind in WARP_SPECIALISED:  # what the sm_90 pass specialises, as the launcher checks it
+        from nova_fast.kernels.group_causal_attention import WS_BLOCK_M, WS_NUM_WARPS
+
+        tiles, warps = [(WS_BLOCK_M, bn) for _, bn in tiles], (WS_NUM_WARPS,)
     return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
             for bm, bn in tiles for w in warps for s in stages]
 
