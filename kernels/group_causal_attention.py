@@ -632,9 +632,12 @@ def _launchable(kernel, kind: str, cfg: dict, q: torch.Tensor, reset_to_zero: li
 # groups in token order, sm_90 16-bit) and "tma_ws" (gca_fwd_tma_ws_kernel, the same warp-specialised,
 # opted in by WARP_SPECIALIZE_ENV); the path the last forward() call took
 FORWARD_PATHS = ("gather", "tma", "tma_ws")
-# each path's kernel and its table kind (its tiles, and the configurations an autotuner tries)
-FORWARD_KERNELS = {"gather": (gca_fwd_kernel, "fwd"), "tma": (gca_fwd_tma_kernel, "fwd_tma"),
-                   "tma_ws": (gca_fwd_tma_ws_kernel, "fwd_tma_ws")}
+# table kind -> its kernel's name (looked up in this module when launched)
+KERNEL_NAMES = {"fwd": "gca_fwd_kernel", "fwd_tma": "gca_fwd_tma_kernel", "fwd_tma_ws": "gca_fwd_tma_ws_kernel",
+                "dkdv": "gca_bwd_dkdv_kernel", "dkdv_atomic": "gca_bwd_dkdv_dq_atomic_kernel",
+                "dq": "gca_bwd_dq_kernel"}
+# forward path -> the table kind of its kernel (its tiles, and the configurations an autotuner tries)
+FORWARD_KINDS = {"gather": "fwd", "tma": "fwd_tma", "tma_ws": "fwd_tma_ws"}
 # what triton's sm_90 warp_specialize pass needs (gca_fwd_tma_ws_kernel): 4 warps, and BLOCK_M 128 for
 # its two 64-row consumer warp groups; gca_tune's fwd_tma_ws candidates are built from these
 WS_NUM_WARPS = 4
@@ -748,7 +751,8 @@ def forward(q, k, v, q_order, k_order, k_visible, scale, sorted_tokens: bool = F
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     path, _ = forward_path(q, sorted_tokens)
-    fn, kind = FORWARD_KERNELS[path]
+    kind = FORWARD_KINDS[path]
+    fn = globals()[KERNEL_NAMES[kind]]
     if precision(q.dtype) == "ieee":
         kind = "fwd"  # the table tunes the TMA forwards for 16-bit inputs; fp32 through them (forced, tests): fp32 tiles
     cfg = config(kind, D, q.dtype, q.device)
@@ -906,11 +910,8 @@ def _fwd_tma_sig(dt):
 def kernel_signature(kind: str, dt: str) -> tuple[str, dict]:
     """(kernel name, AOT signature) of the kernel of table kind ``kind`` ("fwd", "fwd_tma", "fwd_tma_ws",
     "dkdv", "dkdv_atomic", "dq") for dtype ``dt``."""
-    return {"fwd": ("gca_fwd_kernel", _fwd_sig(dt)), "fwd_tma": ("gca_fwd_tma_kernel", _fwd_tma_sig(dt)),
-            "fwd_tma_ws": ("gca_fwd_tma_ws_kernel", _fwd_tma_sig(dt)),
-            "dkdv": ("gca_bwd_dkdv_kernel", _bwd_sig(dt, "dkdv")),
-            "dkdv_atomic": ("gca_bwd_dkdv_dq_atomic_kernel", _bwd_sig(dt, "dkdv_atomic")),
-            "dq": ("gca_bwd_dq_kernel", _bwd_sig(dt, "dq"))}[kind]
+    sig = {"fwd": _fwd_sig, "fwd_tma": _fwd_tma_sig, "fwd_tma_ws": _fwd_tma_sig}.get(kind)
+    return KERNEL_NAMES[kind], (sig(dt) if sig else _bwd_sig(dt, kind))
 
 
 def _specs():
